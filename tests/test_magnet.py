@@ -1,0 +1,433 @@
+"""Tests for magnet.py (MagNet, CVPR 2024): components against their equations, the tiny model."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import magnet
+
+CLS, SEP, MASK = 2, 3, 4  # offline tokenizer ids (see the method contract); words from 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model is thousands of small ops: one thread is as fast, and a second thread on a
+    busy machine makes every op wait for it (measured 8-30x slower steps under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_batch(cfg, n_words=(4, 7), seed=0):
+    """[CLS] w1..wn [SEP] [PAD]... per sample, random images, one rectangle per GT mask."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, S = len(n_words), cfg.max_tokens, cfg.image_size
+    ids = torch.zeros(B, L, dtype=torch.long)
+    am = torch.zeros(B, L, dtype=torch.long)
+    for b, n in enumerate(n_words):
+        ids[b, 0], ids[b, n + 1] = CLS, SEP
+        ids[b, 1 : n + 1] = torch.randint(5, cfg.vocab_size, (n,), generator=g)
+        am[b, : n + 2] = 1
+    images = torch.randn(B, 3, S, S, generator=g)
+    masks = torch.zeros(B, S, S)
+    for b in range(B):
+        y, x = torch.randint(0, S // 2, (2,), generator=g).tolist()
+        masks[b, y : y + S // 3, x : x + S // 3] = 1
+    return images, ids, am, {"masks": masks, "no_target": torch.zeros(B, dtype=torch.bool)}
+
+
+def tiny_model(seed=0, **changes):
+    torch.manual_seed(seed)
+    return magnet.build_model(dataclasses.replace(magnet.Config.tiny(), **changes))
+
+
+def run(model, batch, seed=1):
+    torch.manual_seed(seed)  # same [MASK] choice and dropout for models compared with each other
+    return model(*batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders: the transformers internals we iterate by hand
+
+
+def test_encoder_internals_match_transformers():
+    """Stage-by-stage Swin / BERT without fusion must equal the library's own forward passes.
+    Fails loudly if transformers changes SwinStage / SwinLayer / BertLayer (pinned 5.23)."""
+    cfg = magnet.Config.tiny()
+    torch.manual_seed(0)
+    swin, bert = magnet.build_encoders(cfg)
+    swin.eval(), bert.eval()
+    stages = swin.encoder.layers
+    assert [type(s).__name__ for s in stages] == ["SwinStage"] * 4
+    assert all(type(b).__name__ == "SwinLayer" for s in stages for b in s.blocks)
+    assert [type(s.downsample).__name__ for s in stages] == ["SwinPatchMerging"] * 3 + ["NoneType"]
+    images, ids, am, _ = make_batch(cfg)
+    with torch.no_grad():
+        ref = swin(
+            images,
+            always_partition=True,
+            output_hidden_states=True,
+            output_hidden_states_before_downsampling=True,
+        ).reshaped_hidden_states[1:]
+        x, (H, W) = swin.embeddings(images)
+        for i, stage in enumerate(stages):
+            x = magnet.swin_stage_blocks(stage, x, (H, W))
+            C, side = cfg.vision_config["embed_dim"] * 2**i, cfg.image_size // 4 // 2**i
+            assert (H, W) == (side, side) and x.shape == (2, side * side, C)
+            torch.testing.assert_close(x.transpose(1, 2).reshape(2, C, H, W), ref[i])
+            if stage.downsample is not None:
+                x = stage.downsample(x, (H, W))
+                H, W = (H + 1) // 2, (W + 1) // 2
+
+        o = bert.embeddings(input_ids=ids)
+        o = magnet.bert_layers(bert.encoder.layer, o, magnet.bert_extended_mask(am, o.dtype))
+        ref_o = bert(ids, attention_mask=am).last_hidden_state
+    assert isinstance(o, torch.Tensor) and o.shape == (2, cfg.max_tokens, 32)
+    torch.testing.assert_close(o[am.bool()], ref_o[am.bool()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-modal Alignment Module (Eq. 5-11)
+
+
+def make_cam_inputs():
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(2, 8 * 8, 16, generator=g)  # (B, H*W, C)
+    O = torch.randn(2, 7, 24, generator=g)  # (B, L, C_t)
+    text_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    return P, O, text_mask
+
+
+def test_cam_shapes_and_bidirectional_update():
+    torch.manual_seed(0)
+    cam = magnet.CAM(16, 24, scales=(1, 2, 3, 6), heads=2, mlp_ratio=2)
+    P, O, text_mask = make_cam_inputs()
+    P1, O1, F_v = cam(P, O, (8, 8), text_mask)
+    assert P1.shape == P.shape and O1.shape == O.shape and F_v.shape == P.shape
+    assert len(cam.mlp_k) == 4 and cam.mlp_k[0][-1].out_features == 16 // 4  # Eq. (6): C/4
+    assert cam.mlp_v[0].in_features == 16 + 4 * (16 // 4)  # Eq. (9): full branch + 4 pyramid
+    assert cam.mlp_t[0].in_features == 16 + 4 * (16 // 4)  # Eq. (8)
+    assert not torch.allclose(P1, P) and not torch.allclose(O1[0], O[0])  # both modalities move
+    torch.testing.assert_close(O1[1, 4:], O[1, 4:])  # padding words are left alone
+    # Padding words must not influence the pixels: change them, P_{i+1} stays the same.
+    O_pad = O.clone()
+    O_pad[1, 4:] = 100.0
+    torch.testing.assert_close(cam(P, O_pad, (8, 8), text_mask)[0], P1)
+
+
+def test_xmha_normalises_over_the_right_axes():
+    """Words read a convex combination of pixels and pixels one of the non-padding words: if the
+    source features are all equal, the attention weights must drop out of the result."""
+    torch.manual_seed(0)
+    xmha = magnet.XMHA(6, 5, 8, heads=2, bidirectional=True)
+    pad = torch.tensor([[False] * 4, [False, False, True, True]])
+    pixels = torch.randn(1, 1, 6).expand(2, 10, 6)  # every pixel the same
+    words = torch.randn(2, 4, 5)
+    _, o_p2t = xmha(pixels, words, pad)
+    torch.testing.assert_close(o_p2t, xmha.out_t(xmha.proj_t(words) * xmha.value_v(pixels[:, :1])))
+    words = torch.randn(1, 1, 5).repeat(2, 4, 1)  # every word the same ...
+    words[1, 2:] = 50.0  # ... except padding, which must be ignored
+    pixels = torch.randn(2, 10, 6)
+    p_t2p, _ = xmha(pixels, words, pad)
+    torch.testing.assert_close(p_t2p, xmha.out_v(xmha.proj_v(pixels) * xmha.value_t(words[:, :1])))
+
+
+def test_cam_zero_gate_is_identity():
+    torch.manual_seed(0)
+    cam = magnet.CAM(16, 24, scales=(1, 2, 3, 6), heads=2, mlp_ratio=2)
+    P, O, text_mask = make_cam_inputs()
+    with torch.no_grad():
+        cam.gate_v[-2].weight.zero_()  # tanh(0) = 0: the gate closes
+        cam.gate_t[-2].weight.zero_()
+    P1, O1, F_v = cam(P, O, (8, 8), text_mask)
+    assert torch.equal(P1, P) and torch.equal(O1, O)
+    assert F_v.abs().sum() > 0  # the decoder still sees the fused feature
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-modal Alignment Loss (Eq. 12-14) against a per-pixel loop
+
+
+def naive_cal(feat, target, t_avg, tau1, tau2):
+    """Eq. (13) and (14) pixel by pixel in float64 (with the InfoNCE log, see the docstring)."""
+    l_p2p, l_p2t, n = 0.0, 0.0, 0
+    for b in range(feat.shape[0]):
+        pix = [
+            feat[b, :, y, x].double() for y in range(feat.shape[2]) for x in range(feat.shape[3])
+        ]
+        pix = [p / p.norm() for p in pix]
+        lab = target[b].flatten().tolist()
+        pos = [p for p, m in zip(pix, lab, strict=True) if m > 0.5]
+        neg = [p for p, m in zip(pix, lab, strict=True) if m <= 0.5]
+        if not pos or not neg:
+            continue
+        n += 1
+        avg_pos, avg_neg = sum(pos) / len(pos), sum(neg) / len(neg)
+        avg_pos, avg_neg = avg_pos / avg_pos.norm(), avg_neg / avg_neg.norm()
+        t = t_avg[b].double() / t_avg[b].double().norm()
+        term_pos = term_neg = term_t = 0.0
+        for i in pos:
+            num = math.exp(float(i @ avg_pos) / tau1)
+            term_pos += -math.log(num / (num + sum(math.exp(float(i @ j) / tau1) for j in neg)))
+            num = math.exp(float(i @ t) / tau2)
+            term_t += -math.log(num / (num + sum(math.exp(float(i @ j) / tau2) for j in neg)))
+        for j in neg:
+            num = math.exp(float(j @ avg_neg) / tau1)
+            term_neg += -math.log(num / (num + sum(math.exp(float(j @ i) / tau1) for i in pos)))
+        l_p2p += term_pos / len(pos) + term_neg / len(neg)
+        l_p2t += term_t / len(pos)
+    return l_p2p / n, l_p2t / n
+
+
+def test_cal_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(3, 5, 3, 4, generator=g)  # (B, D, h, w)
+    target = torch.zeros(3, 3, 4)
+    target[0, 0:2, 1:3] = 1
+    target[1, 2, :] = 1
+    target[1, 0, 0] = 1
+    # sample 2 has no foreground (no-target): it must be skipped, not produce NaN
+    t_avg = torch.randn(3, 5, generator=g)
+    p2p, p2t = magnet.cross_modal_alignment_loss(feat, target, t_avg, 0.1, 0.2)
+    ref_p2p, ref_p2t = naive_cal(feat, target, t_avg, 0.1, 0.2)
+    assert p2p.item() == pytest.approx(ref_p2p, rel=1e-5)
+    assert p2t.item() == pytest.approx(ref_p2t, rel=1e-5)
+    # Features are L2-normalised: scaling them changes nothing.
+    p2p_s, p2t_s = magnet.cross_modal_alignment_loss(3 * feat, target, 7 * t_avg, 0.1, 0.2)
+    assert p2p_s.item() == pytest.approx(p2p.item(), rel=1e-5)
+    assert p2t_s.item() == pytest.approx(p2t.item(), rel=1e-5)
+    # Switched-off terms are exactly zero.
+    _, off = magnet.cross_modal_alignment_loss(feat, target, None, 0.1, 0.2, p2t=False)
+    assert off.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask Grounding (Eq. 1-4)
+
+
+def test_mask_words_fraction_and_special_tokens():
+    g = torch.Generator().manual_seed(0)
+    B, L = 300, 40
+    n = torch.randint(0, L - 1, (B,), generator=g)  # words per sentence, 0..38
+    n[:5] = 20  # 15% of 20 = 3 exactly
+    ids = torch.zeros(B, L, dtype=torch.long)
+    am = torch.zeros(B, L, dtype=torch.long)
+    for b in range(B):
+        ids[b, 0], ids[b, n[b] + 1] = CLS, SEP
+        ids[b, 1 : n[b] + 1] = torch.randint(5, 100, (int(n[b]),), generator=g)
+        am[b, : n[b] + 2] = 1
+    torch.manual_seed(0)
+    masked, sel = magnet.mask_words(ids, am, 0.15, MASK)
+    expected = torch.where(n > 0, torch.floor(0.15 * n + 0.5).clamp(min=1), 0)
+    assert torch.equal(sel.sum(1), expected.long())
+    assert torch.equal(sel[:5].sum(1), torch.full((5,), 3))
+    frac = sel.sum() / n.sum()
+    assert 0.15 <= frac < 0.20  # 15%, a little more from "at least one" on short sentences
+    assert not sel[:, 0].any()  # never [CLS]
+    assert not sel[torch.arange(B), n + 1].any()  # never [SEP]
+    assert not (sel & (am == 0)).any()  # never padding
+    assert (masked[sel] == MASK).all() and torch.equal(masked[~sel], ids[~sel])
+    assert not sel[n == 0].any()  # "[CLS] [SEP]": nothing to mask
+    # uniform choice: over many sentences every word position gets masked sometimes
+    assert sel[:, 1:10].sum(0).min() > 0
+    # a fixed generator gives the same words (used in eval mode)
+    a = magnet.mask_words(ids, am, 0.15, MASK, torch.Generator().manual_seed(3))[1]
+    b = magnet.mask_words(ids, am, 0.15, MASK, torch.Generator().manual_seed(3))[1]
+    assert torch.equal(a, b)
+
+
+def test_mask_centre():
+    masks = torch.zeros(3, 8, 8)
+    masks[0, 0:4, 4:8] = 1  # x in columns 4..7, y in rows 0..3
+    masks[1, 7, 0] = 1
+    centre = magnet.mask_centre(masks)
+    torch.testing.assert_close(centre[0], torch.tensor([6 / 8, 2 / 8]))
+    torch.testing.assert_close(centre[1], torch.tensor([0.5 / 8, 7.5 / 8]))
+    torch.testing.assert_close(centre[2], torch.tensor([-1.0, -1.0]))  # empty: outside the image
+    # C and the image tokens' positions share one frame: a one-pixel mask at (row r, column c)
+    # has the centre of token r * w + c of the grid.
+    grid = magnet.grid_centres(8, 8, "cpu")
+    torch.testing.assert_close(centre[1], grid[7 * 8 + 0])
+    expected = [[x / 6, y / 4] for y in (1, 3) for x in (1, 3, 5)]  # row-major (x, y), 2 x 3 map
+    torch.testing.assert_close(magnet.grid_centres(2, 3, "cpu"), torch.tensor(expected))
+
+
+def test_mask_encoder_uses_gt_centre():
+    model = tiny_model().train()
+    calls = []
+    model.grounding.mask_encoder.register_forward_hook(
+        lambda m, inp, out: calls.append((inp[0].detach(), out.detach()))
+    )
+    batch = make_batch(model.cfg)
+    images, ids, am, targets = batch
+    out_a = run(model, batch)
+    moved = {**targets, "masks": torch.roll(targets["masks"], shifts=(9, 5), dims=(1, 2))}
+    out_b = run(model, (images, ids, am, moved))
+    (in_a, c_a), (in_b, c_b) = calls[1], calls[3]  # calls 0 and 2 embed the image-token grid
+    torch.testing.assert_close(in_a, magnet.mask_centre(targets["masks"]))
+    torch.testing.assert_close(in_b, magnet.mask_centre(moved["masks"]))
+    assert not torch.allclose(in_a, in_b) and not torch.allclose(c_a, c_b)
+    assert out_a["losses"]["grounding"] != out_b["losses"]["grounding"]
+
+
+class StubTokenizer:
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return f"w{ids}"
+        return [f"w{i}" for i in ids]
+
+
+def test_grounding_loss_only_in_training():
+    model = tiny_model()
+    batch = make_batch(model.cfg)
+    out = run(model.train(), batch)
+    assert set(out["losses"]) == {"bce", "dice", "p2p", "p2t", "grounding"}
+    assert "mg_top3" not in out
+    model.eval()
+    with torch.no_grad():
+        out = model(*batch)
+        again = model(*batch)
+        plain = model(*batch[:3])
+    assert set(out["losses"]) == {"bce", "dice"}
+    total = 2 * out["losses"]["bce"] + 2 * out["losses"]["dice"]
+    torch.testing.assert_close(out["loss"], total)
+    assert set(plain) == {"mask_logits"}
+    # visualisation extras: top-3 guesses at deterministically masked words
+    B, L = batch[1].shape
+    assert out["mg_top3"].shape == (B, L, 3) and torch.equal(
+        out["mg_selected"], again["mg_selected"]
+    )
+    assert (out["mg_selected"].sum(1) == 1).all()  # 4 and 7 words -> one masked word each
+    pos = int(out["mg_selected"][0].nonzero())
+    extra, caption = magnet.sample_extra(out, 0, StubTokenizer())
+    guesses = "/".join(f"w{int(t)}" for t in out["mg_top3"][0, pos])
+    assert extra is None and caption == f"masked 'w{int(batch[1][0, pos])}' -> {guesses}"
+    assert magnet.sample_extra(plain, 0, StubTokenizer()) == (None, "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+
+
+def test_forward_backward_tiny_every_parameter_gets_a_gradient():
+    model = tiny_model().train()
+    cfg = model.cfg
+    batch = make_batch(cfg)
+    out = run(model, batch)
+    side = cfg.image_size // cfg.vision_config["patch_size"]  # stride-4 mask logits
+    assert out["mask_logits"].shape == (2, 1, side, side)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    expected = (
+        2 * out["losses"]["bce"]
+        + 2 * out["losses"]["dice"]
+        + 0.5 * (out["losses"]["p2p"] + out["losses"]["p2t"])
+        + out["losses"]["grounding"]
+    )
+    torch.testing.assert_close(out["loss"].detach(), expected)  # Eq. (15)
+    out["loss"].backward()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["swin.layernorm.weight", "swin.layernorm.bias"]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
+    assert missing == []
+
+
+def test_overfit_one_batch():
+    model = tiny_model().train()
+    batch = make_batch(model.cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    total, seg = [], []
+    for _ in range(30):
+        out = model(*batch)
+        total.append(out["loss"].item())
+        seg.append(float(out["losses"]["bce"] + out["losses"]["dice"]))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert sum(total[-5:]) < 0.5 * sum(total[:5]), total
+    assert sum(seg[-5:]) < 0.75 * sum(seg[:5]), seg
+
+
+def test_each_ablation_changes_the_computation():
+    """Each switch, with the base model's weights copied in wherever the shapes still match,
+    changes exactly what it should."""
+    base = tiny_model()
+    batch = make_batch(base.cfg)
+    ref = run(base, batch)
+    state = base.state_dict()
+
+    def ablated(**changes):
+        model = tiny_model(seed=5, **changes)
+        own = model.state_dict()
+        model.load_state_dict(
+            {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, False
+        )
+        return model, run(model, batch)
+
+    model, out = ablated(ablate=("no_mg",))
+    assert model.grounding is None and "grounding" not in out["losses"]
+    torch.testing.assert_close(out["mask_logits"], ref["mask_logits"])
+    torch.testing.assert_close(out["loss"], ref["loss"] - ref["losses"]["grounding"])
+
+    model, out = ablated(ablate=("mlm_only",))
+    assert not hasattr(model.grounding, "mask_encoder")
+    torch.testing.assert_close(out["mask_logits"], ref["mask_logits"])
+    assert out["losses"]["grounding"] != ref["losses"]["grounding"]
+
+    for name in ("no_p2p", "no_p2t"):
+        model, out = ablated(ablate=(name,))
+        term = name.removeprefix("no_")
+        assert term not in out["losses"]
+        torch.testing.assert_close(out["loss"], ref["loss"] - 0.5 * ref["losses"][term])
+
+    model, out = ablated(ablate=("no_cam",))
+    assert all(len(c.mlp_k) == 0 and not c.bidirectional for c in model.cams)
+    assert not torch.allclose(out["mask_logits"], ref["mask_logits"])
+
+    model, out = ablated(cam_scales=(1, 2))
+    assert all(len(c.mlp_k) == 2 for c in model.cams)
+    assert not torch.allclose(out["mask_logits"], ref["mask_logits"])
+
+
+def test_unknown_ablation_raises():
+    cfg = dataclasses.replace(magnet.Config.tiny(), ablate=("no_mg", "nope"))
+    with pytest.raises(ValueError, match="unknown ablation 'nope' for magnet; choose from no_mg"):
+        magnet.build_model(cfg)
+
+
+def test_paper_config_architecture():
+    cfg = magnet.Config.paper()
+    assert cfg.vision_config["depths"] == [2, 2, 18, 2] and cfg.vision_config["embed_dim"] == 128
+    assert cfg.text_config["num_hidden_layers"] % len(cfg.vision_config["depths"]) == 0  # 3 each
+    assert (cfg.image_size, cfg.max_tokens, cfg.cam_scales) == (480, 20, (1, 2, 3, 6))
+    assert (cfg.predictor_layers, cfg.mask_ratio) == (8, 0.15)
+    assert (cfg.lambda_bce, cfg.lambda_dice, cfg.lambda_cal, cfg.lambda_grounding) == (2, 2, 0.5, 1)
+
+
+def test_from_pretrained_local_dirs(tmp_path):
+    cfg = magnet.Config.tiny()
+    torch.manual_seed(0)
+    swin, bert = magnet.build_encoders(cfg)
+    swin.save_pretrained(tmp_path / "swin")
+    bert.save_pretrained(tmp_path / "bert")
+    cfg = dataclasses.replace(
+        cfg, pretrained=True, vision_name=str(tmp_path / "swin"), text_name=str(tmp_path / "bert")
+    )
+    model = magnet.build_model(cfg)
+    torch.testing.assert_close(
+        model.swin.embeddings.patch_embeddings.projection.weight,
+        swin.embeddings.patch_embeddings.projection.weight,
+    )
+    torch.testing.assert_close(
+        model.bert.encoder.layer[-1].output.dense.weight, bert.encoder.layer[-1].output.dense.weight
+    )
+    out = run(model.train(), make_batch(cfg))
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(RuntimeError, match="could not load"):
+        magnet.build_model(dataclasses.replace(cfg, vision_name=str(tmp_path / "missing")))
