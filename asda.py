@@ -231,6 +231,18 @@ def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
 
+# Copied from rela.from_pretrained
+def from_pretrained(model_cls, name: str, **kwargs):
+    """`model_cls.from_pretrained(name)`, ending in one clear line when the Hub is unreachable."""
+    try:
+        return model_cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        raise RuntimeError(
+            f"could not load '{name}' from the Hugging Face Hub (no network?). Use --preset tiny, "
+            "or pass a local directory, or --no-pretrained for random weights."
+        ) from None
+
+
 def load_clip(cfg: Config) -> tuple[CLIPVisionModel, CLIPTextModel]:
     """The two CLIP towers: from the Hub / a local dir, or random weights from the configs."""
     if not cfg.pretrained:
@@ -239,19 +251,13 @@ def load_clip(cfg: Config) -> tuple[CLIPVisionModel, CLIPTextModel]:
             CLIPTextConfig(**text_config)
         )
 
-    def from_hub(name: str) -> CLIPModel:
-        # A full CLIPModel checkpoint loads without "unexpected key" reports; we keep its towers
-        # and drop the projections and logit_scale, which ASDA does not use.
-        try:
-            return CLIPModel.from_pretrained(name)
-        except (OSError, ValueError):
-            raise RuntimeError(
-                f"could not load '{name}' from the Hugging Face Hub (no network?). Use --preset "
-                "tiny, or pass a local directory, or --no-pretrained for random weights."
-            ) from None
-
-    vision_clip = from_hub(cfg.vision_name)
-    text_clip = vision_clip if cfg.text_name == cfg.vision_name else from_hub(cfg.text_name)
+    # A full CLIPModel checkpoint loads without "unexpected key" reports; we keep its parts.
+    vision_clip = from_pretrained(CLIPModel, cfg.vision_name)
+    text_clip = (
+        vision_clip
+        if cfg.text_name == cfg.vision_name
+        else from_pretrained(CLIPModel, cfg.text_name)
+    )
     return vision_clip.vision_model, text_clip.text_model
 
 

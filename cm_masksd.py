@@ -284,6 +284,18 @@ def replace_embeddings(layer: nn.Module, mask: torch.Tensor, token: torch.Tensor
         handle.remove()
 
 
+# Copied from rela.from_pretrained
+def from_pretrained(model_cls, name: str, **kwargs):
+    """`model_cls.from_pretrained(name)`, ending in one clear line when the Hub is unreachable."""
+    try:
+        return model_cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        raise RuntimeError(
+            f"could not load '{name}' from the Hugging Face Hub (no network?). Use --preset tiny, "
+            "or pass a local directory, or --no-pretrained for random weights."
+        ) from None
+
+
 def load_clip(cfg: Config) -> tuple[CLIPModel, CLIPModel]:
     """CLIP for the image and for the text tower (the same model unless the names differ):
     from the Hub / a local dir, or random weights from the configs."""
@@ -298,17 +310,13 @@ def load_clip(cfg: Config) -> tuple[CLIPModel, CLIPModel]:
         )
         return clip, clip
 
-    def from_hub(name: str) -> CLIPModel:
-        try:  # a full CLIPModel checkpoint: one load, no "unexpected key" report
-            return CLIPModel.from_pretrained(name)
-        except (OSError, ValueError):
-            raise RuntimeError(
-                f"could not load '{name}' from the Hugging Face Hub (no network?). Use --preset "
-                "tiny, or pass a local directory, or --no-pretrained for random weights."
-            ) from None
-
-    vision_clip = from_hub(cfg.vision_name)
-    text_clip = vision_clip if cfg.text_name == cfg.vision_name else from_hub(cfg.text_name)
+    # A full CLIPModel checkpoint loads without "unexpected key" reports; we keep its parts.
+    vision_clip = from_pretrained(CLIPModel, cfg.vision_name)
+    text_clip = (
+        vision_clip
+        if cfg.text_name == cfg.vision_name
+        else from_pretrained(CLIPModel, cfg.text_name)
+    )
     return vision_clip, text_clip
 
 

@@ -189,8 +189,9 @@ class Config:
 # Helpers
 
 
-def _from_pretrained(model_cls, name: str, **kwargs):
-    """from_pretrained that fails offline with one clear line instead of a long traceback."""
+# Copied from rela.from_pretrained
+def from_pretrained(model_cls, name: str, **kwargs):
+    """`model_cls.from_pretrained(name)`, ending in one clear line when the Hub is unreachable."""
     try:
         return model_cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError):
@@ -254,7 +255,7 @@ class VisualEncoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         if cfg.pretrained:
-            self.backbone = _from_pretrained(
+            self.backbone = from_pretrained(
                 SwinBackbone, cfg.vision_name, out_features=self.out_features
             )
         else:
@@ -515,7 +516,7 @@ class M3Dec(nn.Module):
         self.feat_size = cfg.image_size // stride  # F_enc is feat_size x feat_size
         HW = self.feat_size**2
         if cfg.pretrained:
-            self.text_encoder = _from_pretrained(BertModel, cfg.text_name, add_pooling_layer=False)
+            self.text_encoder = from_pretrained(BertModel, cfg.text_name, add_pooling_layer=False)
         else:
             text_cfg = BertConfig(**{**cfg.text_config, "vocab_size": cfg.vocab_size})
             self.text_encoder = BertModel(text_cfg, add_pooling_layer=False)

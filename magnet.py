@@ -167,7 +167,9 @@ class Config:
 # Helpers: encoders and masks
 
 
-def _from_pretrained(model_cls, name: str, **kwargs):
+# Copied from rela.from_pretrained
+def from_pretrained(model_cls, name: str, **kwargs):
+    """`model_cls.from_pretrained(name)`, ending in one clear line when the Hub is unreachable."""
     try:
         return model_cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError):
@@ -180,10 +182,10 @@ def _from_pretrained(model_cls, name: str, **kwargs):
 def build_encoders(cfg: Config) -> tuple[SwinModel, BertModel]:
     """Swin (image) and BERT (language) from the Hub / a local dir, or randomly initialised."""
     if cfg.pretrained:
-        swin = _from_pretrained(
+        swin = from_pretrained(
             SwinModel, cfg.vision_name, add_pooling_layer=False, drop_path_rate=cfg.drop_path_rate
         )
-        bert = _from_pretrained(BertModel, cfg.text_name, add_pooling_layer=False)
+        bert = from_pretrained(BertModel, cfg.text_name, add_pooling_layer=False)
     else:
         swin_cfg = SwinConfig(**cfg.vision_config, drop_path_rate=cfg.drop_path_rate)
         swin = SwinModel(swin_cfg, add_pooling_layer=False)

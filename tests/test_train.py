@@ -1,0 +1,178 @@
+"""train.py end to end on the tiny preset: train, resume exactly, evaluate, predict, DDP, errors.
+
+The end-to-end runs are subprocesses (what a user types); argument errors run in-process, where
+they are cheaper to check.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small everything: 2 samples a batch, 4 val expressions, no loader workers.
+FAST = ["--batch-size", "2", "--val-samples", "4", "--workers", "0", "--warmup", "2"]
+
+
+def run(args, cwd=ROOT, timeout=300, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def rela_run(tmp_path_factory):
+    """Six steps of rela in one go; the other tests reuse its run folder."""
+    out = tmp_path_factory.mktemp("runs")
+    run(["train.py", "--method", "rela", "--max-steps", "6", "--val-every", "3",
+         "--out", str(out), "--name", "a", *FAST])  # fmt: skip
+    return out
+
+
+def test_run_folder_has_every_output(rela_run):
+    run_dir = rela_run / "a"
+    for name in ("config.json", "log.jsonl", "metrics.json", "last.pt", "best.pt",
+                 "curves.png", "samples.png"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob("*.tmp"))  # atomic writes leave nothing behind
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 6
+    for key in ("oIoU", "mIoU", "gIoU", "cIoU", "Prec@0.5", "N-acc", "T-acc"):
+        assert 0.0 <= metrics["val"][key] <= 1.0
+    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["method"] == "rela" and ckpt["step"] == 6
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val" in r] == [3, 6]
+
+
+def test_resume_continues_exactly(rela_run, tmp_path):
+    # 3 steps, stop (--run-steps), resume for the remaining 3: the same weights as 6 in one go.
+    common = ["train.py", "--method", "rela", "--max-steps", "6", "--val-every", "3",
+              "--out", str(tmp_path), "--name", "b", *FAST]  # fmt: skip
+    run([*common, "--run-steps", "3"])
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
+    run([*common, "--resume", str(tmp_path / "b" / "last.pt")])
+    a, b = weights(rela_run / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_eval_only_and_predict(rela_run, tmp_path):
+    ckpt = str(rela_run / "a" / "best.pt")
+    proc = run(["train.py", "--method", "rela", "--eval-only", "--resume", ckpt,
+                "--out", str(tmp_path), *FAST])  # fmt: skip
+    metrics = json.loads((tmp_path / "rela" / "metrics.json").read_text())["val"]
+    assert metrics["n"] == 4 and "mIoU" in proc.stdout
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.full((40, 60, 3), 120, np.uint8)).save(image)
+    proc = run(["train.py", "--method", "rela", "--resume", ckpt, "--predict", str(image),
+                "--text", "the red circle"])  # fmt: skip
+    out = tmp_path / "scene_pred.png"
+    assert out.is_file() and str(out) in proc.stdout
+    assert Image.open(out).size[0] > 0
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "train.py", "--method", "rela", "--max-steps", "3",
+         "--val-every", "3", "--out", str(tmp_path), "--device", "cpu", *FAST])  # fmt: skip
+    metrics = json.loads((tmp_path / "rela" / "metrics.json").read_text())
+    sums = metrics["weight_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert metrics["step"] == 3
+
+
+@pytest.mark.parametrize("method", ["magnet", "asda", "m3dec", "cm_masksd"])
+def test_dry_run_every_other_method(method, tmp_path):
+    train.main(["--method", method, "--max-steps", "2", "--val-every", "2",
+                "--out", str(tmp_path), *FAST])  # fmt: skip
+    metrics = json.loads((tmp_path / method / "metrics.json").read_text())
+    assert metrics["step"] == 2 and (tmp_path / method / "samples.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes a user can make end in one line on stderr, exit code 2, no traceback.
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_unknown_ablation(capsys):
+    err = one_line_error(capsys, ["--method", "rela", "--ablate", "no_such_switch"])
+    assert "unknown ablation 'no_such_switch'" in err
+
+
+def test_unknown_config_field(capsys):
+    err = one_line_error(capsys, ["--method", "rela", "--set", "nonsense=3"])
+    assert "nonsense" in err
+
+
+def test_missing_data_files_named(capsys, tmp_path):
+    # A tokenizer saved locally stands in for bert-base-uncased, so only the data is missing.
+    import data
+
+    data.build_tokenizer("bert", None).save_pretrained(tmp_path / "tok")
+    err = one_line_error(capsys, ["--method", "rela", "--dataset", "grefcoco", "--preset", "tiny",
+                                  "--data-root", str(tmp_path), "--set",
+                                  f"text_name={tmp_path / 'tok'}"])  # fmt: skip
+    assert "grefs(unc).json" in err
+
+
+def test_checkpoint_from_another_method(capsys, rela_run):
+    err = one_line_error(capsys, ["--method", "m3dec", "--eval-only", "--resume",
+                                  str(rela_run / "a" / "last.pt")])  # fmt: skip
+    assert "--method rela" in err
+
+
+def test_not_a_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "not a checkpoint" in one_line_error(capsys, ["--method", "rela", "--resume", str(bad)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_but_absent(capsys):
+    assert "CUDA is not available" in one_line_error(
+        capsys, ["--method", "rela", "--device", "cuda"]
+    )
+
+
+def test_empty_text_for_predict(capsys, rela_run, tmp_path):
+    ckpt = str(rela_run / "a" / "last.pt")
+    argv = ["--method", "rela", "--resume", ckpt, "--predict", str(tmp_path / "x.png")]
+    err = one_line_error(capsys, [*argv, "--text", "  "])
+    assert "non-empty --text" in err
+
+
+def test_help_lists_every_methods_ablations(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    for method in train.METHODS:
+        assert f"{method}:" in out

@@ -1,0 +1,646 @@
+"""Train, evaluate and run any of the five methods. The only entry point of the repository.
+
+    python train.py --method rela                      # tiny model, built-in gshapes world, CPU ok
+    python train.py --method magnet --ablate no_mg     # one paper ablation
+    python train.py --method rela --eval-only --resume runs/rela/best.pt
+    python train.py --method rela --resume runs/rela/best.pt --predict cat.jpg --text "the cat"
+    python train.py --method rela --dataset grefcoco --data-root data --batch-size 8  # paper, GPU
+    torchrun --nproc_per_node 4 train.py --method magnet --dataset refcoco --data-root data
+
+Every method file exposes the same contract (see any of them): Config (paper() / tiny()),
+build_model(cfg), model(images, input_ids, attention_mask, targets) -> {"mask_logits", "loss", ...}
+and sample_extra(...) for the pictures. This script only moves data, steps the optimizer, evaluates
+with common.RISMetrics and writes runs/<name>/: config.json, log.jsonl, metrics.json, last.pt,
+best.pt, curves.png, samples.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
+
+import common  # noqa: E402
+import data  # noqa: E402
+
+METHODS = ("magnet", "asda", "rela", "m3dec", "cm_masksd")
+SYNTHETIC = ("shapes", "gshapes")
+
+
+def fail(msg: str) -> None:
+    """A mistake the user can fix: one clear line, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--method", required=True, choices=METHODS)
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default=None,
+        choices=data.DATASETS,
+        help="default: gshapes for rela (it predicts no-target), shapes otherwise",
+    )
+    g.add_argument(
+        "--data-root", default="data", help="root of the refer-API layout (default: data)"
+    )
+    g.add_argument("--split-by", default=None, help="unc / umd / google (default: the usual one)")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument(
+        "--val-samples",
+        type=int,
+        default=None,
+        help="evaluate on the first N val expressions (default: all; synthetic: 500)",
+    )
+    g.add_argument(
+        "--workers", type=int, default=None, help="loader workers (default: 1 CPU, 4 CUDA)"
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--preset",
+        choices=("tiny", "paper"),
+        default=None,
+        help="default: tiny on shapes/gshapes, paper on real datasets",
+    )
+    g.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="paper architecture with random weights (no download)",
+    )
+    g.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="switch on a paper ablation (repeatable); listed below per method",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any Config field, e.g. --set P=5 (repeatable)",
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=16, help="per process (default: 16)")
+    g.add_argument("--lr", type=float, default=None, help="default: 1e-3 tiny, 5e-5 paper")
+    g.add_argument(
+        "--encoder-lr-mult",
+        type=float,
+        default=None,
+        help="lr multiplier of the Hugging Face encoders (default: 1 tiny, 0.1 paper)",
+    )
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, 0 = off")
+    g.add_argument("--epochs", type=int, default=None, help="default: 40 on real data")
+    g.add_argument("--max-steps", type=int, default=None, help="default: 1500 on synthetic data")
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop training after this many seconds (the lr schedule follows the clock)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    g.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="autocast dtype (default: bf16 on CUDA, off on CPU)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="runs", help="output root (default: runs)")
+    g.add_argument("--name", default=None, help="run folder name (default: the method)")
+    g.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --resume on --val-split")
+    g.add_argument("--predict", default=None, metavar="IMAGE", help="segment --text in IMAGE")
+    g.add_argument("--text", default=None, help="the expression for --predict")
+    g.add_argument("--val-every", type=int, default=500, help="steps between evaluations")
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument(
+        "--run-steps",
+        type=int,
+        default=None,
+        help="train at most N steps in this invocation, then save last.pt and stop "
+        "(for jobs with a wall-clock limit: run again with --resume to continue)",
+    )
+    # List every method's ablations in --help, read from the method files themselves.
+    lines = []
+    for m in METHODS:
+        abl = importlib.import_module(m).ABLATIONS
+        lines += [f"  {m}:"] + [f"    {k:22s} {v}" for k, v in abl.items()]
+    p.epilog = "ablations (--ablate NAME):\n" + "\n".join(lines)
+    return p.parse_args(argv)
+
+
+def parse_overrides(cfg, items: list[str]):
+    """--set FIELD=VALUE, parsed with the type of the field's current value."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            fail(f"--set {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
+        old = getattr(cfg, key)
+        try:
+            if isinstance(old, bool):
+                value = {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+            elif isinstance(old, (int, float, str)):
+                value = type(old)(raw)
+            elif isinstance(old, (tuple, list)):
+                kind = type(old[0]) if old else str
+                value = type(old)(kind(v) for v in raw.split(",") if v)
+            else:  # dicts (encoder configs) and None: JSON
+                value = json.loads(raw)
+        except (KeyError, ValueError, json.JSONDecodeError):
+            fail(f"--set {item!r}: cannot read {raw!r} as {type(old).__name__}")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, method: str) -> dict:
+    if not Path(path).is_file():
+        fail(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        fail(f"{path} is not a checkpoint written by train.py ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or "method" not in ckpt:
+        fail(f"{path} is not a checkpoint written by train.py")
+    if ckpt["method"] != method:
+        fail(f"{path} was trained with --method {ckpt['method']}, not {method}")
+    # torch.compile prefixes parameter names with _orig_mod.
+    ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    return ckpt
+
+
+def show_mask(ax, image: np.ndarray, mask: np.ndarray, color: str) -> None:
+    """Draw an (H, W, 3) uint8 image with a boolean mask as a light tint and an outline.
+
+    The synthetic world's objects are red, green, blue...: a colour fill alone would hide them."""
+    tinted = image.astype(np.float32)
+    tinted[mask] = 0.6 * tinted[mask] + 0.4 * 255
+    ax.imshow(tinted.astype(np.uint8))
+    if mask.any():
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=1.5)
+    ax.axis("off")
+
+
+def lr_factor(step: int, total: int, warmup: int, progress: float) -> float:
+    """Linear warm-up, then LAVT's poly decay (1 - progress)^0.9."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1.0 - progress) ** 0.9
+
+
+@torch.no_grad()
+def evaluate(model, loader, cfg, device, amp_ctx, master: bool) -> dict:
+    """Binary masks at the input resolution (GT already resized nearest), common.RISMetrics."""
+    model.eval()
+    metrics = common.RISMetrics(device)
+    for batch in tqdm(
+        loader, desc="eval", leave=False, disable=not master or not sys.stderr.isatty()
+    ):
+        images, masks = batch["image"].to(device), batch["mask"].to(device)
+        with amp_ctx:
+            out = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        # A method with a no-target head also returns its mask before emptying it: the official
+        # metric keeps that mask in the union when a targeted expression is rejected.
+        logits = out.get("mask_logits_raw", out["mask_logits"]).float()
+        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear")
+        pred = logits[:, 0].sigmoid() > cfg.threshold
+        pred_nt = out["no_target_logits"] > 0 if "no_target_logits" in out else None
+        metrics.update(pred, masks > 0.5, batch["no_target"].to(device), pred_nt)
+    metrics.all_reduce()
+    model.train()
+    return metrics.compute()
+
+
+@torch.no_grad()
+def draw_samples(model, module, dataset, tokenizer, cfg, device, family, path, n=6) -> None:
+    """samples.png: image+GT, prediction, the method's own extra panel; expression as title."""
+    model.eval()
+    batch = data.collate([dataset[i] for i in range(min(n, len(dataset)))])
+    targets = {"masks": batch["mask"].to(device), "no_target": batch["no_target"].to(device)}
+    out = model(
+        batch["image"].to(device),
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        targets=targets,
+    )
+    logits = F.interpolate(
+        out["mask_logits"].float(), size=batch["mask"].shape[-2:], mode="bilinear"
+    )
+    pred = (logits[:, 0].sigmoid() > cfg.threshold).cpu().numpy()
+    fig, axes = plt.subplots(len(pred), 3, figsize=(7.5, 2.6 * len(pred)), squeeze=False)
+    for i, row in enumerate(axes):
+        image = data.denormalize(batch["image"][i], family)
+        extra, caption = module.sample_extra(out, i, tokenizer)
+        show_mask(row[0], image, batch["mask"][i].numpy() > 0.5, "lime")
+        row[0].set_title(f'"{batch["sentence"][i]}"', fontsize=8)
+        show_mask(row[1], image, pred[i], "cyan")
+        row[1].set_title("prediction" + ("" if pred[i].any() else " (empty)"), fontsize=8)
+        if extra is not None:
+            row[2].imshow(extra, cmap="viridis")
+        row[2].set_title(caption, fontsize=8)
+        row[2].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    model.train()
+
+
+def plot_curves(log_path: Path, path: Path) -> None:
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot([r["step"] for r in train], [r["loss"] for r in train])
+    a.set(xlabel="step", ylabel="training loss", yscale="log")
+    for key in ("mIoU", "oIoU"):
+        b.plot([r["step"] for r in val], [r["val"][key] for r in val], marker="o", label=key)
+    b.set(xlabel="step", ylabel="val", ylim=(0, 1))
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    module = importlib.import_module(args.method)
+
+    # ---- processes and device -------------------------------------------------------------
+    ddp = "RANK" in os.environ  # launched by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device} asked for, but CUDA is not available; use --device cpu")
+    if ddp:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed + rank)
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 1)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # One compute thread per free core: more threads than cores (other ranks, loader
+        # workers) make tiny models many times slower, not faster.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - workers))
+    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    amp_ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(enabled=amp == "fp16")
+
+    # ---- config: preset, checkpoint, overrides, ablations ----------------------------------
+    ckpt = load_checkpoint(args.resume, args.method) if args.resume else None
+    args.dataset = args.dataset or (ckpt["dataset"] if ckpt else None)
+    args.dataset = args.dataset or ("gshapes" if args.method == "rela" else "shapes")
+    synthetic = args.dataset in SYNTHETIC
+    if ckpt:  # the checkpoint defines the architecture; --set may still change what is safe
+        cfg = module.Config(**ckpt["config"])
+        preset = ckpt["preset"]
+    else:
+        preset = args.preset or ("tiny" if synthetic else "paper")
+        cfg = module.Config.tiny() if preset == "tiny" else module.Config.paper()
+        if args.no_pretrained:
+            cfg = dataclasses.replace(cfg, pretrained=False)
+    cfg = parse_overrides(cfg, args.set)
+    if args.ablate:
+        names = [n for item in args.ablate for n in item.split(",") if n]
+        unknown = [n for n in names if n not in module.ABLATIONS]
+        if unknown:
+            fail(
+                f"unknown ablation {unknown[0]!r} for {args.method}; "
+                f"choose from {', '.join(module.ABLATIONS)}"
+            )
+        cfg = dataclasses.replace(cfg, ablate=tuple(dict.fromkeys(cfg.ablate + tuple(names))))
+    family = module.TEXT_ENCODER
+    try:
+        # The synthetic world has a closed vocabulary: an offline word-level tokenizer.
+        tokenizer = data.build_tokenizer(
+            family, None if synthetic and preset == "tiny" else cfg.text_name
+        )
+    except (RuntimeError, OSError, ValueError) as e:
+        fail(str(e))
+    # Tie the text side of the model to the tokenizer (random-init encoders are sized to it).
+    cfg = dataclasses.replace(cfg, vocab_size=len(tokenizer))
+    if hasattr(cfg, "mask_token_id"):
+        cfg = dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id)
+
+    # ---- model ----------------------------------------------------------------------------
+    try:
+        model = module.build_model(cfg)
+    except (RuntimeError, OSError, ValueError) as e:
+        fail(str(e))
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    raw_model = model  # unwrapped, for saving and evaluation
+
+    # ---- predict: one image, one expression -> an overlay PNG --------------------------------
+    if args.predict:
+        if not ckpt:
+            fail("--predict needs trained weights: add --resume runs/<name>/best.pt")
+        if not args.text or not args.text.strip():
+            fail('--predict needs a non-empty --text, e.g. --text "the red circle"')
+        if not Path(args.predict).is_file():
+            fail(f"image not found: {args.predict}")
+        from PIL import Image
+
+        pil = Image.open(args.predict).convert("RGB")
+        image = data.prepare_image(pil, cfg.image_size, family)[None].to(device)
+        ids, am = data.encode_text(tokenizer, args.text, cfg.max_tokens)
+        model.eval()
+        with torch.no_grad(), amp_ctx:
+            out = model(image, ids[None].to(device), am[None].to(device))
+        logits = F.interpolate(
+            out["mask_logits"].float(), size=(pil.height, pil.width), mode="bilinear"
+        )
+        mask = (logits[0, 0].sigmoid() > cfg.threshold).cpu().numpy()
+        if "no_target_logits" in out and out["no_target_logits"][0] > 0:
+            mask[:] = False
+        out_path = Path(args.predict).with_name(Path(args.predict).stem + "_pred.png")
+        fig, ax = plt.subplots(figsize=(6, 6 * pil.height / pil.width))
+        show_mask(ax, np.asarray(pil), mask, "cyan")
+        ax.set_title(f'"{args.text}"' + ("  (no target)" if not mask.any() else ""))
+        fig.savefig(out_path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        print(f"wrote {out_path} ({int(mask.sum())} pixels selected)")
+        return
+
+    # ---- data -----------------------------------------------------------------------------
+    def dataset(split, num_samples=None):
+        return data.build_dataset(
+            args.dataset,
+            split,
+            tokenizer=tokenizer,
+            family=family,
+            image_size=cfg.image_size,
+            max_tokens=cfg.max_tokens,
+            root=args.data_root,
+            split_by=args.split_by,
+            num_samples=num_samples,
+        )  # the world's own seed: same val set for every run
+
+    try:
+        val_set = dataset(args.val_split, args.val_samples or (500 if synthetic else None))
+        train_set = None if args.eval_only else dataset(args.train_split)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else repr(e))
+    loader_kw = dict(
+        batch_size=args.batch_size,
+        num_workers=workers,
+        collate_fn=data.collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        # Loaders draw their worker seeds from this generator, not from the global one, so
+        # starting a loader never shifts the model's RNG stream (dropout, masking).
+        generator=torch.Generator().manual_seed(args.seed + rank),
+    )
+    # Each rank evaluates its own slice of the val set; the metric sums are all-reduced.
+    val_loader = DataLoader(val_set, sampler=list(range(rank, len(val_set), world)), **loader_kw)
+
+    run_dir = Path(args.out) / (args.name or args.method)
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(
+            json.dumps(
+                {"args": vars(args), "preset": preset, "config": dataclasses.asdict(cfg)}, indent=2
+            )
+        )
+        print(
+            f"{args.method} ({preset}) on {args.dataset}: "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"device {device}, {world} process(es), run dir {run_dir}"
+        )
+
+    if args.eval_only:
+        metrics = evaluate(raw_model, val_loader, cfg, device, amp_ctx, master)
+        if master:
+            print(json.dumps(metrics))
+            (run_dir / "metrics.json").write_text(json.dumps({"val": metrics}, indent=2))
+        return
+
+    # ---- optimiser and schedule -------------------------------------------------------------
+    lr = args.lr or (1e-3 if preset == "tiny" else 5e-5)
+    enc_mult = args.encoder_lr_mult or (1.0 if preset == "tiny" else 0.1)
+    # Pretrained Hugging Face encoders get a smaller lr (CRIS/ASDA use 0.1x); the rest is new.
+    enc_ids = {
+        id(p) for m in model.modules() if isinstance(m, PreTrainedModel) for p in m.parameters()
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if id(p) in enc_ids], "lr": lr * enc_mult},
+            {"params": [p for p in params if id(p) not in enc_ids], "lr": lr},
+        ],
+        lr=lr,
+        weight_decay=args.weight_decay,
+    )
+    steps_per_epoch = len(train_set) // (args.batch_size * world)
+    if steps_per_epoch == 0:
+        fail(f"the training split has {len(train_set)} samples, fewer than one batch per process")
+    total = args.max_steps or ((args.epochs or 40) * steps_per_epoch if not synthetic else 1500)
+    t_start, step, best = time.time(), 0, -1.0
+
+    def progress() -> float:  # fraction of the budget used: steps, or the clock if it is set
+        p = step / total
+        return max(p, (time.time() - t_start) / args.time_budget) if args.time_budget else p
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, args.warmup, progress())
+    )
+    if ckpt and "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best = ckpt["step"], ckpt["best"]
+        torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        # Ablations may leave blocks unused on purpose; otherwise every parameter is used.
+        model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(cfg.ablate),
+        )
+
+    def checkpoint(path: Path) -> None:
+        rng = [torch.get_rng_state()]
+        if ddp:  # every rank's RNG, so that a resumed DDP run continues exactly
+            rng = [torch.empty_like(rng[0]) for _ in range(world)]
+            dist.all_gather(rng, torch.get_rng_state())
+        if master:
+            save_atomic(
+                {
+                    "method": args.method,
+                    "preset": preset,
+                    "dataset": args.dataset,
+                    "config": dataclasses.asdict(cfg),
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "best": best,
+                    "rng": rng,
+                },
+                path,
+            )
+
+    # ---- the training loop ------------------------------------------------------------------
+    # A resumed run continues its log; a fresh one starts a new log.
+    log = open(run_dir / "log.jsonl", "a" if ckpt else "w") if master else None  # noqa: SIM115
+    sampler = DistributedSampler(
+        train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True
+    )
+    # In a log file (no terminal) a bar redrawn 10 times a second is noise: every 30 s instead.
+    bar = tqdm(total=total, initial=step, desc=args.method, disable=not master,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # fmt: skip
+    model.train()
+    t_log, done, metrics, start_step = time.time(), step >= total, None, step
+    while not done:
+        # The epoch's order is a function of (seed, epoch), so a resumed run skips exactly the
+        # batches it has already seen instead of replaying them.
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip * args.batch_size : steps_per_epoch * args.batch_size]
+        for batch in DataLoader(train_set, sampler=order, drop_last=True, **loader_kw):
+            images = batch["image"].to(device, non_blocking=True)
+            targets = {
+                "masks": batch["mask"].to(device),
+                "no_target": batch["no_target"].to(device),
+            }
+            with amp_ctx:
+                out = model(
+                    images,
+                    batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device),
+                    targets=targets,
+                )
+            scaler.scale(out["loss"]).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+
+            if master and step % args.log_every == 0:
+                row = {
+                    "step": step,
+                    "loss": out["loss"].item(),
+                    "lr": scheduler.get_last_lr()[-1],
+                    **{k: float(v) for k, v in out["losses"].items()},
+                    "s_per_step": (time.time() - t_log) / args.log_every,
+                }
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                t_log = time.time()
+            out_of_time = args.time_budget and time.time() - t_start > args.time_budget
+            paused = args.run_steps is not None and step - start_step >= args.run_steps
+            done = step >= total or bool(out_of_time) or paused
+            if ddp:  # all ranks must stop at the same step, even on a clock budget
+                flag = torch.tensor(float(done), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                done = bool(flag.item())
+            if step % args.val_every == 0 or done:
+                metrics = evaluate(raw_model, val_loader, cfg, device, amp_ctx, master)
+                if master:
+                    log.write(json.dumps({"step": step, "val": metrics}) + "\n")
+                    log.flush()
+                    tqdm.write(
+                        f"step {step}: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
+                    )
+                if metrics["mIoU"] > best:
+                    best = metrics["mIoU"]
+                    checkpoint(run_dir / "best.pt")
+                checkpoint(run_dir / "last.pt")
+            if done:
+                break
+    bar.close()
+    if metrics is None:  # resumed at or past the end: nothing trained, still report
+        metrics = evaluate(raw_model, val_loader, cfg, device, amp_ctx, master)
+
+    # ---- wrap up ----------------------------------------------------------------------------
+    # A DDP sanity check worth recording: every rank must hold the same weights at the end.
+    checksum = torch.tensor(
+        [sum(p.double().sum().item() for p in raw_model.parameters())], device=device
+    )
+    checksums = [checksum]
+    if ddp:
+        checksums = [torch.empty_like(checksum) for _ in range(world)]
+        dist.all_gather(checksums, checksum)
+    if master:
+        log.close()
+        train_time = time.time() - t_start
+        summary = {
+            "val": metrics,
+            "best_mIoU": best,
+            "step": step,
+            "train_time_s": train_time,
+            "ablate": list(cfg.ablate),
+            "weight_checksums": [c.item() for c in checksums],
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
+        draw_samples(
+            raw_model, module, val_set, tokenizer, cfg, device, family, run_dir / "samples.png"
+        )
+        print(
+            f"done: {step} steps in {train_time / 60:.1f} min, val mIoU {metrics['mIoU']:.4f}, "
+            f"oIoU {metrics['oIoU']:.4f}; outputs in {run_dir}"
+        )
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
