@@ -157,14 +157,18 @@ class Config:
 
     @classmethod
     def tiny(cls) -> Config:
-        """Random-init small encoders for tests and the CPU demo (64 px -> a 4 x 4 F_enc)."""
+        """Random-init small encoders for tests and the CPU demo (64 px -> an 8 x 8 F_enc).
+
+        Swin patch 2 instead of 4: with patch 4, F_enc would be 4 x 4, too coarse for the 8-16 px
+        objects of the synthetic world (mIoU 0.13 after 3000 CPU steps against about 0.3 after
+        600 with patch 2); the paper has 30 x 30 at 480 px."""
         return cls(
             image_size=64,
             vocab_size=128,
             pretrained=False,
             vision_config=dict(
                 image_size=64,
-                patch_size=4,
+                patch_size=2,
                 embed_dim=16,
                 depths=[1, 1, 1, 1],
                 num_heads=[1, 2, 4, 8],

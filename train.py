@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, 0 = off")
     g.add_argument("--epochs", type=int, default=None, help="default: 40 on real data")
-    g.add_argument("--max-steps", type=int, default=None, help="default: 1500 on synthetic data")
+    g.add_argument("--max-steps", type=int, default=None, help="default: 3000 on synthetic data")
     g.add_argument(
         "--time-budget",
         type=float,
@@ -399,7 +399,10 @@ def main(argv=None) -> None:
         mask = (logits[0, 0].sigmoid() > cfg.threshold).cpu().numpy()
         if "no_target_logits" in out and out["no_target_logits"][0] > 0:
             mask[:] = False
-        out_path = Path(args.predict).with_name(Path(args.predict).stem + "_pred.png")
+        out_path = (
+            Path(args.out) / (args.name or args.method) / f"{Path(args.predict).stem}_pred.png"
+        )
+        out_path.parent.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 6 * pil.height / pil.width))
         show_mask(ax, np.asarray(pil), mask, "cyan")
         ax.set_title(f'"{args.text}"' + ("  (no target)" if not mask.any() else ""))
@@ -458,7 +461,10 @@ def main(argv=None) -> None:
         metrics = evaluate(raw_model, val_loader, cfg, device, amp_ctx, master)
         if master:
             print(json.dumps(metrics))
-            (run_dir / "metrics.json").write_text(json.dumps({"val": metrics}, indent=2))
+            # Not metrics.json: evaluating a checkpoint must not overwrite its training summary.
+            out = run_dir / f"eval_{args.val_split}.json"
+            out.write_text(json.dumps({"checkpoint": args.resume, "val": metrics}, indent=2))
+            print(f"wrote {out}")
         return
 
     # ---- optimiser and schedule -------------------------------------------------------------
@@ -480,7 +486,7 @@ def main(argv=None) -> None:
     steps_per_epoch = len(train_set) // (args.batch_size * world)
     if steps_per_epoch == 0:
         fail(f"the training split has {len(train_set)} samples, fewer than one batch per process")
-    total = args.max_steps or ((args.epochs or 40) * steps_per_epoch if not synthetic else 1500)
+    total = args.max_steps or ((args.epochs or 40) * steps_per_epoch if not synthetic else 3000)
     t_start, step, best = time.time(), 0, -1.0
 
     def progress() -> float:  # fraction of the budget used: steps, or the clock if it is set
@@ -581,7 +587,7 @@ def main(argv=None) -> None:
                 }
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                 t_log = time.time()
             out_of_time = args.time_budget and time.time() - t_start > args.time_budget
             paused = args.run_steps is not None and step - start_step >= args.run_steps

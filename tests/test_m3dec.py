@@ -315,8 +315,9 @@ def test_fixed_resolution_and_token_count():
         full = model(images, ids, am)["mask_logits"]
         short = model(images, ids[:, :10], am[:, :10])["mask_logits"]
     torch.testing.assert_close(short, full)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        build_model(tiny(image_size=80))
+    stride = build_model(cfg).visual_encoder.stride  # F_enc's stride (8 on tiny, 16 on paper)
+    with pytest.raises(ValueError, match=f"multiple of {2 * stride}"):
+        build_model(tiny(image_size=cfg.image_size + stride))
 
 
 def test_sample_extra_names_the_word():

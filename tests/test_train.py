@@ -78,13 +78,13 @@ def test_eval_only_and_predict(rela_run, tmp_path):
     ckpt = str(rela_run / "a" / "best.pt")
     proc = run(["train.py", "--method", "rela", "--eval-only", "--resume", ckpt,
                 "--out", str(tmp_path), *FAST])  # fmt: skip
-    metrics = json.loads((tmp_path / "rela" / "metrics.json").read_text())["val"]
+    metrics = json.loads((tmp_path / "rela" / "eval_val.json").read_text())["val"]
     assert metrics["n"] == 4 and "mIoU" in proc.stdout
     image = tmp_path / "scene.png"
     Image.fromarray(np.full((40, 60, 3), 120, np.uint8)).save(image)
     proc = run(["train.py", "--method", "rela", "--resume", ckpt, "--predict", str(image),
-                "--text", "the red circle"])  # fmt: skip
-    out = tmp_path / "scene_pred.png"
+                "--text", "the red circle", "--out", str(tmp_path)])  # fmt: skip
+    out = tmp_path / "rela" / "scene_pred.png"
     assert out.is_file() and str(out) in proc.stdout
     assert Image.open(out).size[0] > 0
 
