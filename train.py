@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -254,7 +255,9 @@ def evaluate(model, loader, cfg, device, amp_ctx, master: bool) -> dict:
 def draw_samples(model, module, dataset, tokenizer, cfg, device, family, path, n=6) -> None:
     """samples.png: image+GT, prediction, the method's own extra panel; expression as title."""
     model.eval()
-    batch = data.collate([dataset[i] for i in range(min(n, len(dataset)))])
+    # Spread over the split (its first items can all be of one kind, e.g. no-target).
+    picks = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int)
+    batch = data.collate([dataset[int(i)] for i in picks])
     targets = {"masks": batch["mask"].to(device), "no_target": batch["no_target"].to(device)}
     out = model(
         batch["image"].to(device),
@@ -271,12 +274,12 @@ def draw_samples(model, module, dataset, tokenizer, cfg, device, family, path, n
         image = data.denormalize(batch["image"][i], family)
         extra, caption = module.sample_extra(out, i, tokenizer)
         show_mask(row[0], image, batch["mask"][i].numpy() > 0.5, "lime")
-        row[0].set_title(f'"{batch["sentence"][i]}"', fontsize=8)
+        row[0].set_title(textwrap.fill(f'"{batch["sentence"][i]}"', 40), fontsize=8)
         show_mask(row[1], image, pred[i], "cyan")
         row[1].set_title("prediction" + ("" if pred[i].any() else " (empty)"), fontsize=8)
         if extra is not None:
             row[2].imshow(extra, cmap="viridis")
-        row[2].set_title(caption, fontsize=8)
+        row[2].set_title(textwrap.fill(caption, 40), fontsize=8)
         row[2].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
