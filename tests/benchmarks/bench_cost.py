@@ -4,7 +4,7 @@
     python tests/benchmarks/bench_cost.py --methods rela --train
 
 FLOPs come from torch.utils.flop_counter (matmuls and convolutions; 1 multiply-add = 2 FLOPs) for
-one inference forward of one sample. With --train it also counts one training step (forward with
+one sample (inference forward). With --train it also counts one training step (forward with
 targets + backward), where the training-only branches run: MagNet's Mask Grounding and CM-MaskSD's
 two masked self-distillation branches; their cost is the difference with the ablation switched on.
 """
@@ -46,9 +46,11 @@ def inputs(cfg, family, batch=1):
     return torch.randn(batch, 3, S, S), ids, am, targets
 
 
-def count(model, cfg, family, train: bool) -> tuple[float, float]:
-    """(GFLOPs, seconds) of one inference forward, or one training forward + backward."""
-    images, ids, am, targets = inputs(cfg, family)
+def count(model, cfg, family, train: bool, batch: int = 2) -> tuple[float, float]:
+    """(GFLOPs, seconds) per sample of an inference forward, or a training forward + backward.
+
+    Batch 2, divided by 2: CM-MaskSD's CRIS neck has a BatchNorm1d, which cannot train on 1."""
+    images, ids, am, targets = inputs(cfg, family, batch)
     model.train(train)
     flops = FlopCounterMode(display=False)
     t0 = time.perf_counter()
@@ -56,9 +58,10 @@ def count(model, cfg, family, train: bool) -> tuple[float, float]:
         if train:
             model(images, ids, am, targets=targets)["loss"].backward()
         else:
-            with torch.no_grad():
-                model(images, ids, am)
-    return flops.get_total_flops() / 1e9, time.perf_counter() - t0
+            # Grad mode stays on (same FLOPs): FlopCounterMode's module tracker fails under
+            # no_grad when a parameter is passed straight into a submodule (rela's query_pos).
+            model(images, ids, am)
+    return flops.get_total_flops() / 1e9 / batch, (time.perf_counter() - t0) / batch
 
 
 def main() -> None:
