@@ -221,7 +221,7 @@ def show_mask(ax, image: np.ndarray, mask: np.ndarray, color: str) -> None:
     ax.axis("off")
 
 
-def lr_factor(step: int, total: int, warmup: int, progress: float) -> float:
+def lr_factor(step: int, warmup: int, progress: float) -> float:
     """Linear warm-up, then LAVT's poly decay (1 - progress)^0.9."""
     if step < warmup:
         return (step + 1) / warmup
@@ -339,7 +339,7 @@ def main(argv=None) -> None:
     args.dataset = args.dataset or (ckpt["dataset"] if ckpt else None)
     args.dataset = args.dataset or ("gshapes" if args.method == "rela" else "shapes")
     synthetic = args.dataset in SYNTHETIC
-    if ckpt:  # the checkpoint defines the architecture; --set may still change what is safe
+    if ckpt:  # the checkpoint's Config is the architecture (--set can still move the threshold)
         cfg = module.Config(**ckpt["config"])
         preset = ckpt["preset"]
     else:
@@ -497,9 +497,9 @@ def main(argv=None) -> None:
         return max(p, (time.time() - t_start) / args.time_budget) if args.time_budget else p
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, args.warmup, progress())
+        optimizer, lambda s: lr_factor(s, args.warmup, progress())
     )
-    if ckpt and "optimizer" in ckpt:
+    if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
