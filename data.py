@@ -789,7 +789,7 @@ def layout(name: str, split_by: str) -> str:
     """One-line description of the expected files of a real dataset."""
     refs = f"grefs({split_by}).json" if name == "grefcoco" else f"refs({split_by}).p"
     return (f"expected <root>/{name}/{refs} + <root>/{name}/instances.json and images in "
-            f"<root>/images/train2014/ (see README, 'Datasets')")  # fmt: skip
+            f"<root>/images/train2014/ (see the README's 'Real data' section)")  # fmt: skip
 
 
 class RestrictedUnpickler(pickle.Unpickler):

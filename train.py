@@ -228,6 +228,12 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
     return max(0.0, 1.0 - progress) ** 0.9
 
 
+def binary_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """(B, 1, h, w) mask logits at any stride -> (B, H, W) bool at `size` (bilinear, threshold)."""
+    logits = F.interpolate(logits.float(), size=size, mode="bilinear")
+    return logits[:, 0].sigmoid() > threshold
+
+
 @torch.no_grad()
 def evaluate(model, loader, cfg, device, amp_ctx, master: bool) -> dict:
     """Binary masks at the input resolution (GT already resized nearest), common.RISMetrics."""
@@ -241,9 +247,8 @@ def evaluate(model, loader, cfg, device, amp_ctx, master: bool) -> dict:
             out = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
         # A method with a no-target head also returns its mask before emptying it: the official
         # metric keeps that mask in the union when a targeted expression is rejected.
-        logits = out.get("mask_logits_raw", out["mask_logits"]).float()
-        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear")
-        pred = logits[:, 0].sigmoid() > cfg.threshold
+        logits = out.get("mask_logits_raw", out["mask_logits"])
+        pred = binary_mask(logits, masks.shape[-2:], cfg.threshold)
         pred_nt = out["no_target_logits"] > 0 if "no_target_logits" in out else None
         metrics.update(pred, masks > 0.5, batch["no_target"].to(device), pred_nt)
     metrics.all_reduce()
@@ -265,10 +270,7 @@ def draw_samples(model, module, dataset, tokenizer, cfg, device, family, path, n
         batch["attention_mask"].to(device),
         targets=targets,
     )
-    logits = F.interpolate(
-        out["mask_logits"].float(), size=batch["mask"].shape[-2:], mode="bilinear"
-    )
-    pred = (logits[:, 0].sigmoid() > cfg.threshold).cpu().numpy()
+    pred = binary_mask(out["mask_logits"], batch["mask"].shape[-2:], cfg.threshold).cpu().numpy()
     fig, axes = plt.subplots(len(pred), 3, figsize=(7.5, 2.6 * len(pred)), squeeze=False)
     for i, row in enumerate(axes):
         image = data.denormalize(batch["image"][i], family)
@@ -396,12 +398,9 @@ def main(argv=None) -> None:
         model.eval()
         with torch.no_grad(), amp_ctx:
             out = model(image, ids[None].to(device), am[None].to(device))
-        logits = F.interpolate(
-            out["mask_logits"].float(), size=(pil.height, pil.width), mode="bilinear"
-        )
-        mask = (logits[0, 0].sigmoid() > cfg.threshold).cpu().numpy()
-        if "no_target_logits" in out and out["no_target_logits"][0] > 0:
-            mask[:] = False
+        # A method with a no-target head has already emptied mask_logits when it fires.
+        mask = binary_mask(out["mask_logits"], (pil.height, pil.width), cfg.threshold)[0]
+        mask = mask.cpu().numpy()
         out_path = (
             Path(args.out) / (args.name or args.method) / f"{Path(args.predict).stem}_pred.png"
         )

@@ -1,18 +1,12 @@
 """Tests for asda.py: AFS selection, SFA shapes, Eq. 10, the tiny model, ablations, loading."""
 
 import dataclasses
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import asda  # noqa: E402
-
-torch.set_num_threads(1)
+import asda
 
 
 def tiny(**overrides) -> asda.Config:

@@ -12,15 +12,6 @@ from transformers import CLIPConfig, CLIPModel
 import cm_masksd as M
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds waiting on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_cfg(**changes) -> M.Config:
     """The tiny preset at 32 px (a 4x4 patch grid) for speed."""
     cfg = M.Config.tiny()

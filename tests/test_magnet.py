@@ -11,16 +11,6 @@ import magnet
 CLS, SEP, MASK = 2, 3, 4  # offline tokenizer ids (see the method contract); words from 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model is thousands of small ops: one thread is as fast, and a second thread on a
-    busy machine makes every op wait for it (measured 8-30x slower steps under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_batch(cfg, n_words=(4, 7), seed=0):
     """[CLS] w1..wn [SEP] [PAD]... per sample, random images, one rectangle per GT mask."""
     g = torch.Generator().manual_seed(seed)

@@ -12,16 +12,6 @@ from transformers import BertConfig, BertModel, SwinBackbone, SwinConfig
 import rela
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on an oversubscribed CPU two OpenMP threads
-    made this file ~20x slower (measured); restore the suite's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cfg(**kw) -> rela.Config:
     """Smaller than Config.tiny() where the test allows (fast on 2 busy cores)."""
     return dataclasses.replace(rela.Config.tiny(), dec_layers=2, **kw)
