@@ -76,6 +76,7 @@ Differences from the paper and the released code (one line each):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -233,13 +234,20 @@ def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 # Copied from rela.from_pretrained
 def from_pretrained(model_cls, name: str, **kwargs):
-    """`model_cls.from_pretrained(name)`, ending in one clear line when the Hub is unreachable."""
+    """`model_cls.from_pretrained(name)` for a Hub id or a folder, with one clear line on failure.
+
+    A relative folder is read from the repository (the demo's `pretrained/tiny-*`), so runs and
+    checkpoints work from any directory."""
+    local = Path(__file__).resolve().parent / name
+    if local.is_dir():
+        name = str(local)
     try:
         return model_cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError):
         raise RuntimeError(
-            f"could not load '{name}' from the Hugging Face Hub (no network?). Use --preset tiny, "
-            "or pass a local directory, or --no-pretrained for random weights."
+            f"could not load '{name}': not a folder here and the Hugging Face Hub is unreachable "
+            "(no network?). Use --preset tiny, pass a local folder, or --no-pretrained for random "
+            "weights."
         ) from None
 
 
