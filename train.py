@@ -7,11 +7,17 @@
     python train.py --method rela --dataset grefcoco --data-root data --batch-size 8  # paper, GPU
     torchrun --nproc_per_node 4 train.py --method magnet --dataset refcoco --data-root data
 
+    python train.py --method rela --row "Table 2 #3"     # one row of a paper table (TABLES)
+    python train.py --method rela --dataset grefcoco --recipe paper --help   # recipes below
+
 Every method file exposes the same contract (see any of them): Config (paper() / tiny()),
-build_model(cfg), model(images, input_ids, attention_mask, targets) -> {"mask_logits", "loss", ...}
-and sample_extra(...) for the pictures. This script only moves data, steps the optimizer, evaluates
-with common.RISMetrics and writes runs/<name>/: config.json, log.jsonl, metrics.json, last.pt,
-best.pt, curves.png, samples.png.
+build_model(cfg), model(images, input_ids, attention_mask, targets) -> {"mask_logits", "loss",
+...}, ABLATIONS, TABLES (the paper's ablation rows), RECIPE (the paper's training recipe),
+diagnostics(...) (the paper's mechanism, measured on an eval batch) and sample_extra(...) for the
+pictures. This
+script only moves data, steps the optimizer, evaluates with common.RISMetrics (plus the text-swap
+IoU: does the prediction change when the expression does?) and writes runs/<name>/: config.json,
+log.jsonl, metrics.json, last.pt, best.pt, curves.png, samples.png.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
+import re
 import sys
 import textwrap
 import time
@@ -43,6 +51,7 @@ from transformers import PreTrainedModel  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent
 METHODS = ("magnet", "asda", "rela", "m3dec", "cm_masksd")
 SYNTHETIC = ("shapes", "gshapes")
 
@@ -51,6 +60,99 @@ def fail(msg: str) -> None:
     """A mistake the user can fix: one clear line, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+# The built-in world's recipe: short and the same for every method, so that the demo runs in
+# minutes on a laptop. The papers' recipes are each method file's RECIPE (--recipe paper).
+DEMO_RECIPE = {
+    "optimizer": "adamw",
+    "lr": 1e-3,  # the new layers; the pretrained tiny encoders get encoder_lr_factor x this
+    "encoder_lr_factor": 0.1,  # as the papers fine-tune their pretrained encoders (1 if random)
+    "weight_decay": 0.01,
+    "schedule": "poly",
+    "poly_power": 0.9,  # LAVT's poly decay
+    "warmup": 100,
+    "iterations": 3000,
+    "batch_size": 16,
+    "grad_clip": 1.0,
+    "frozen": (),
+}
+
+
+def describe_recipe(r: dict) -> str:
+    """One line: the recipe a run would use."""
+    length = f"{r['epochs']} epochs" if "epochs" in r else f"{r['iterations']} iterations"
+    sched = r["schedule"]
+    if sched == "poly":
+        sched += f" {r.get('poly_power', 0.9)}"
+    elif sched == "step":
+        sched += f" x{r.get('gamma', 0.1)} at {tuple(r.get('milestones', ()))}"
+    frozen = f", frozen {', '.join(r['frozen'])}" if r.get("frozen") else ""
+    return (
+        f"{r['optimizer']} lr {r['lr']:g} (encoders x{r.get('encoder_lr_factor', 1.0):g}), "
+        f"wd {r.get('weight_decay', 0.0):g}, {sched}, warm-up {r.get('warmup', 0)}, {length}, "
+        f"batch {r['batch_size']}, clip {r.get('grad_clip', 0.0):g}{frozen}"
+    )
+
+
+def describe_row(spec: dict) -> str:
+    """One line: how a TABLES row is built, and the paper's number."""
+    if "skip" in spec:
+        return f"not built: {spec['skip']}"
+    parts = [f"--ablate {','.join(spec['ablate'])}"] if spec.get("ablate") else []
+    parts += [f"--set {k}={v}" for k, v in spec.get("set", {}).items()]
+    paper = ", ".join(f"{k} {v}" for k, v in spec.get("paper", {}).items())
+    return (" ".join(parts) or "(full model)") + (f"  [paper: {paper}]" if paper else "")
+
+
+def find_row(tables: dict, row: str) -> tuple[str, str, dict]:
+    """--row "Table 2 #3" -> ("Table 2", "#3 no minimap", spec). Row keys start with their id."""
+    for table in sorted(tables, key=len, reverse=True):  # "Table 3a" before "Table 3"
+        if row.startswith(table + " "):
+            rid = row[len(table) + 1 :].strip()
+            for key, spec in tables[table].items():
+                if key == rid or key.split()[0] == rid:
+                    return table, key, spec
+    listing = "; ".join(f"{t} {k.split()[0]}" for t, rows in tables.items() for k in rows)
+    fail(f"unknown row {row!r}; choose from: {listing or '(this method has no TABLES)'}")
+
+
+def lr_factor(step: int, warmup: int, progress: float, recipe: dict) -> float:
+    """Linear warm-up over `warmup` steps, then the recipe's decay as a function of progress
+    (0 -> 1 over the run: steps, or the clock under --time-budget)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(max(progress, 0.0), 1.0)
+    schedule = recipe["schedule"]
+    if schedule == "poly":  # LAVT, ReLA, MagNet
+        return (1.0 - p) ** recipe.get("poly_power", 0.9)
+    if schedule == "cosine":  # CM-MaskSD
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "step":  # milestones in the unit of the length, as fractions of it
+        length = recipe.get("epochs", recipe.get("iterations"))
+        passed = sum(p >= m / length for m in recipe.get("milestones", ()))
+        return recipe.get("gamma", 0.1) ** passed
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def swap_partners(image_ids: list[int]) -> list[int]:
+    """For each sample, the next one in the batch (cyclically) that shows another image; -1 if
+    none. Its expression is "another scene's expression" for the text-swap test."""
+    n = len(image_ids)
+    partners = []
+    for i in range(n):
+        js = [(i + k) % n for k in range(1, n) if image_ids[(i + k) % n] != image_ids[i]]
+        partners.append(js[0] if js else -1)
+    return partners
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of two batches of binary masks (B, H, W) -> (B,); two empty masks agree: 1."""
+    a, b = a.flatten(1), b.flatten(1)
+    inter, union = (a & b).sum(1).double(), (a | b).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,6 +195,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="paper architecture with random weights (no download)",
     )
     g.add_argument(
+        "--row",
+        default=None,
+        metavar='"TABLE ID"',
+        help='apply one row of a paper table, e.g. --row "Table 2 #3" (rows listed below)',
+    )
+    g.add_argument(
         "--ablate",
         action="append",
         default=[],
@@ -106,20 +214,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="FIELD=VALUE",
         help="override any Config field, e.g. --set P=5 (repeatable)",
     )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=16, help="per process (default: 16)")
-    g.add_argument("--lr", type=float, default=None, help="default: 1e-3 tiny, 5e-5 paper")
+    g = p.add_argument_group(
+        "optimisation",
+        "A recipe sets them all (--recipe); any flag given here overrides the recipe's value.",
+    )
+    g.add_argument(
+        "--recipe",
+        choices=("paper", "demo"),
+        default=None,
+        help="paper = the method file's RECIPE (optimizer, lr, schedule, length, batch, clip, "
+        "frozen parts; listed below), demo = the built-in world's short recipe "
+        "(default: demo on shapes/gshapes, paper on real data)",
+    )
+    g.add_argument("--batch-size", type=int, default=None, help="per process")
+    g.add_argument("--lr", type=float, default=None, help="learning rate of the new layers")
     g.add_argument(
         "--encoder-lr-mult",
         type=float,
         default=None,
-        help="lr multiplier of the Hugging Face encoders (default: 1 tiny, 0.1 paper)",
+        help="lr multiplier of the Hugging Face encoders (1 when they are random-init)",
     )
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, 0 = off")
-    g.add_argument("--epochs", type=int, default=None, help="default: 40 on real data")
-    g.add_argument("--max-steps", type=int, default=None, help="default: 3000 on synthetic data")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
+    g.add_argument("--grad-clip", type=float, default=None, help="max grad norm, 0 = off")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--max-steps", type=int, default=None, help="training length in steps")
     g.add_argument(
         "--time-budget",
         type=float,
@@ -137,13 +256,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="runs", help="output root (default: runs)")
-    g.add_argument("--name", default=None, help="run folder name (default: the method)")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="output root (default: runs; --predict writes beside its checkpoint)",
+    )
+    g.add_argument(
+        "--name", default=None, help="run folder name (default: the method, or method-row)"
+    )
     g.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
     g.add_argument("--eval-only", action="store_true", help="evaluate --resume on --val-split")
     g.add_argument("--predict", default=None, metavar="IMAGE", help="segment --text in IMAGE")
     g.add_argument("--text", default=None, help="the expression for --predict")
-    g.add_argument("--val-every", type=int, default=500, help="steps between evaluations")
+    g.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        help="steps between evaluations (default: 500 on the built-in world, one epoch on real "
+        "data, as LAVT and CRIS)",
+    )
+    g.add_argument(
+        "--ckpt-minutes",
+        type=float,
+        default=30.0,
+        help="also write last.pt every this many minutes, so a crash loses little (default: 30)",
+    )
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument(
         "--run-steps",
@@ -152,12 +289,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train at most N steps in this invocation, then save last.pt and stop "
         "(for jobs with a wall-clock limit: run again with --resume to continue)",
     )
-    # List every method's ablations in --help, read from the method files themselves.
+    # List every method's switches, table rows and recipe in --help, read from the method files.
     lines = []
     for m in METHODS:
-        abl = importlib.import_module(m).ABLATIONS
-        lines += [f"  {m}:"] + [f"    {k:22s} {v}" for k, v in abl.items()]
-    p.epilog = "ablations (--ablate NAME):\n" + "\n".join(lines)
+        module = importlib.import_module(m)
+        lines += [f"  {m}:", "    ablations (--ablate NAME):"]
+        lines += [f"      {k:22s} {v}" for k, v in module.ABLATIONS.items()]
+        tables = getattr(module, "TABLES", {})
+        if tables:
+            lines.append("    paper table rows (--row):")
+            for table, rows in tables.items():
+                for row, spec in rows.items():
+                    how = describe_row(spec)
+                    lines.append(f"      {table} {row}".ljust(46) + f" {how}")
+        if hasattr(module, "RECIPE"):
+            lines.append("    paper recipe (--recipe paper): " + describe_recipe(module.RECIPE))
+    p.epilog = "methods:\n" + "\n".join(lines)
     return p.parse_args(argv)
 
 
@@ -221,13 +368,6 @@ def show_mask(ax, image: np.ndarray, mask: np.ndarray, color: str) -> None:
     ax.axis("off")
 
 
-def lr_factor(step: int, warmup: int, progress: float) -> float:
-    """Linear warm-up, then LAVT's poly decay (1 - progress)^0.9."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, 1.0 - progress) ** 0.9
-
-
 def binary_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
     """(B, 1, h, w) mask logits at any stride -> (B, H, W) bool at `size` (bilinear, threshold)."""
     logits = F.interpolate(logits.float(), size=size, mode="bilinear")
@@ -235,30 +375,82 @@ def binary_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float) -
 
 
 @torch.no_grad()
-def evaluate(model, loader, cfg, device, amp_ctx, master: bool) -> dict:
-    """Binary masks at the input resolution (GT already resized nearest), common.RISMetrics."""
+def evaluate(model, module, loader, cfg, device, amp_ctx, master: bool) -> dict:
+    """The official metrics (common.RISMetrics), the text-swap test and the method's diagnostics.
+
+    The forward gets the targets (in eval mode), so that a method can run and report the parts of
+    its mechanism that only training uses (masked branches, grounding); the mask it predicts does
+    not depend on them. Text swap: the same images with another scene's expression; text_swap_IoU
+    is the IoU between the two predictions (1 = the model ignores the text), swap_mIoU scores the
+    swapped prediction against the sample's own ground truth."""
     model.eval()
-    metrics = common.RISMetrics(device)
+    metrics, swapped = common.RISMetrics(device), common.RISMetrics(device)
+    # Sums and counts, so that DDP ranks merge exactly: text swap, val loss, diagnostics.
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+
+    def add(name: str, value: float, n: int) -> None:
+        if not math.isnan(value):
+            sums[name] = sums.get(name, 0.0) + value * n
+            counts[name] = counts.get(name, 0.0) + n
+
     for batch in tqdm(
         loader, desc="eval", leave=False, disable=not master or not sys.stderr.isatty()
     ):
-        images, masks = batch["image"].to(device), batch["mask"].to(device)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        images, masks, ids, am = (
+            batch[k] for k in ("image", "mask", "input_ids", "attention_mask")
+        )
+        targets = {"masks": masks, "no_target": batch["no_target"]}
         with amp_ctx:
-            out = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out = model(images, ids, am, targets=targets)
         # A method with a no-target head also returns its mask before emptying it: the official
         # metric keeps that mask in the union when a targeted expression is rejected.
         logits = out.get("mask_logits_raw", out["mask_logits"])
         pred = binary_mask(logits, masks.shape[-2:], cfg.threshold)
         pred_nt = out["no_target_logits"] > 0 if "no_target_logits" in out else None
-        metrics.update(pred, masks > 0.5, batch["no_target"].to(device), pred_nt)
+        metrics.update(pred, masks > 0.5, batch["no_target"], pred_nt)
+        add("val_loss", float(out["loss"]), len(images))
+        if hasattr(module, "diagnostics"):
+            for k, v in module.diagnostics(out, batch).items():
+                add(f"diag/{k}", float(v), len(images))
+
+        partner = torch.tensor(swap_partners(batch["image_id"]), device=device)
+        keep = partner >= 0
+        if keep.any():
+            j = partner[keep]
+            with amp_ctx:
+                out_s = model(images[keep], ids[j], am[j])
+            own = binary_mask(out["mask_logits"][keep], masks.shape[-2:], cfg.threshold)
+            other = binary_mask(out_s["mask_logits"], masks.shape[-2:], cfg.threshold)
+            add("text_swap_IoU", mask_iou(own, other).mean().item(), int(keep.sum()))
+            nt_s = out_s["no_target_logits"] > 0 if "no_target_logits" in out_s else None
+            raw_s = out_s.get("mask_logits_raw", out_s["mask_logits"])
+            raw_s = binary_mask(raw_s, masks.shape[-2:], cfg.threshold)
+            swapped.update(raw_s, masks[keep] > 0.5, batch["no_target"][keep], nt_s)
     metrics.all_reduce()
+    swapped.all_reduce()
+    names = sorted(sums)
+    if dist.is_available() and dist.is_initialized():
+        # Every rank has the same names (the same method on the same kind of batches).
+        t = torch.tensor([[sums[k], counts[k]] for k in names], device=device, dtype=torch.float64)
+        dist.all_reduce(t)
+        sums = {k: t[i, 0].item() for i, k in enumerate(names)}
+        counts = {k: t[i, 1].item() for i, k in enumerate(names)}
+    result = metrics.compute()
+    result["swap_mIoU"] = swapped.compute()["mIoU"]
+    result.update({k: sums[k] / counts[k] for k in names})
     model.train()
-    return metrics.compute()
+    return result
+
+
+def format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
 
 
 @torch.no_grad()
 def draw_samples(model, module, dataset, tokenizer, cfg, device, family, path, n=6) -> None:
-    """samples.png: image+GT, prediction, the method's own extra panel; expression as title."""
+    """samples.png: image+GT, prediction, the method's own panels; expression as title."""
     model.eval()
     # Spread over the split (its first items can all be of one kind, e.g. no-target).
     picks = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int)
@@ -271,18 +463,30 @@ def draw_samples(model, module, dataset, tokenizer, cfg, device, family, path, n
         targets=targets,
     )
     pred = binary_mask(out["mask_logits"], batch["mask"].shape[-2:], cfg.threshold).cpu().numpy()
-    fig, axes = plt.subplots(len(pred), 3, figsize=(7.5, 2.6 * len(pred)), squeeze=False)
+    # sample_extra gives one panel (map, caption[, (vmin, vmax)]) or a list of them.
+    panels = []
+    for i in range(len(pred)):
+        extra = module.sample_extra(out, i, tokenizer)
+        panels.append(extra if isinstance(extra, list) else [extra])
+    cols = 2 + max(len(p) for p in panels)
+    fig, axes = plt.subplots(len(pred), cols, figsize=(2.5 * cols, 2.6 * len(pred)), squeeze=False)
     for i, row in enumerate(axes):
         image = data.denormalize(batch["image"][i], family)
-        extra, caption = module.sample_extra(out, i, tokenizer)
         show_mask(row[0], image, batch["mask"][i].numpy() > 0.5, "lime")
         row[0].set_title(textwrap.fill(f'"{batch["sentence"][i]}"', 40), fontsize=8)
         show_mask(row[1], image, pred[i], "cyan")
         row[1].set_title("prediction" + ("" if pred[i].any() else " (empty)"), fontsize=8)
-        if extra is not None:
-            row[2].imshow(extra, cmap="viridis")
-        row[2].set_title(textwrap.fill(caption, 40), fontsize=8)
-        row[2].axis("off")
+        for ax, panel in zip(row[2:], panels[i] + [None] * cols, strict=False):
+            ax.axis("off")
+            if panel is None:
+                continue
+            extra, caption = panel[0], panel[1]
+            vmin, vmax = panel[2] if len(panel) > 2 else (None, None)
+            if extra is not None:
+                shown = ax.imshow(extra, cmap="viridis", vmin=vmin, vmax=vmax)
+                if vmin is not None:  # a fixed scale deserves its colour bar
+                    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            ax.set_title(textwrap.fill(caption, 40), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -294,10 +498,12 @@ def plot_curves(log_path: Path, path: Path) -> None:
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot([r["step"] for r in train], [r["loss"] for r in train])
-    a.set(xlabel="step", ylabel="training loss", yscale="log")
-    for key in ("mIoU", "oIoU"):
-        b.plot([r["step"] for r in val], [r["val"][key] for r in val], marker="o", label=key)
+    a.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    a.plot([r["step"] for r in val], [r["val"].get("val_loss") for r in val], "o-", label="val")
+    a.set(xlabel="step", ylabel="loss", yscale="log")
+    a.legend()
+    for key in ("mIoU", "oIoU", "text_swap_IoU"):
+        b.plot([r["step"] for r in val], [r["val"].get(key) for r in val], marker="o", label=key)
     b.set(xlabel="step", ylabel="val", ylim=(0, 1))
     b.legend()
     fig.tight_layout()
@@ -349,6 +555,18 @@ def main(argv=None) -> None:
         cfg = module.Config.tiny() if preset == "tiny" else module.Config.paper()
         if args.no_pretrained:
             cfg = dataclasses.replace(cfg, pretrained=False)
+    row_name = None
+    if args.row:  # a paper table row: its switches and overrides, then the user's flags on top
+        table, key, spec = find_row(getattr(module, "TABLES", {}), args.row)
+        if "skip" in spec:
+            fail(f"{table} {key} is not built by {args.method}.py: {spec['skip']}")
+        cfg = dataclasses.replace(cfg, **spec.get("set", {}))
+        cfg = dataclasses.replace(
+            cfg, ablate=tuple(dict.fromkeys(cfg.ablate + spec.get("ablate", ())))
+        )
+        row_name = re.sub(r"[^A-Za-z0-9=.+-]+", "_", f"{table} {key.split()[0]}").strip("_")
+        if master:
+            print(f"{table} {key}: {describe_row(spec)}")
     cfg = parse_overrides(cfg, args.set)
     if args.ablate:
         names = [n for item in args.ablate for n in item.split(",") if n]
@@ -360,11 +578,14 @@ def main(argv=None) -> None:
             )
         cfg = dataclasses.replace(cfg, ablate=tuple(dict.fromkeys(cfg.ablate + tuple(names))))
     family = module.TEXT_ENCODER
+    # The tokenizer of the text encoder: the Hub's for the paper preset, the one saved with the
+    # demo's pretrained tiny encoder (pretrained/tiny-*) for the tiny preset, and the world's
+    # offline word-level tokenizer (the same vocabulary) for random-init tiny encoders.
+    tok_name = cfg.text_name if preset == "paper" or cfg.pretrained else None
+    if tok_name and (ROOT / tok_name).is_dir():
+        tok_name = str(ROOT / tok_name)
     try:
-        # The synthetic world has a closed vocabulary: an offline word-level tokenizer.
-        tokenizer = data.build_tokenizer(
-            family, None if synthetic and preset == "tiny" else cfg.text_name
-        )
+        tokenizer = data.build_tokenizer(family, tok_name)
     except (RuntimeError, OSError, ValueError) as e:
         fail(str(e))
     # Tie the text side of the model to the tokenizer (random-init encoders are sized to it).
@@ -374,11 +595,16 @@ def main(argv=None) -> None:
 
     # ---- model ----------------------------------------------------------------------------
     try:
-        model = module.build_model(cfg)
+        # From a checkpoint the weights are all there: build the architecture without loading
+        # the encoders' pretrained weights (no download, works offline).
+        model = module.build_model(dataclasses.replace(cfg, pretrained=False) if ckpt else cfg)
     except (RuntimeError, OSError, ValueError) as e:
         fail(str(e))
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            fail(f"{args.resume} does not fit this {args.method} model ({str(e).splitlines()[0]})")
     model.to(device)
     raw_model = model  # unwrapped, for saving and evaluation
 
@@ -392,7 +618,11 @@ def main(argv=None) -> None:
             fail(f"image not found: {args.predict}")
         from PIL import Image
 
-        pil = Image.open(args.predict).convert("RGB")
+        try:
+            with Image.open(args.predict) as im:
+                pil = im.convert("RGB")  # decodes the whole file: a truncated one fails here
+        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            fail(f"{args.predict} is not a readable image ({type(e).__name__}: {e})")
         image = data.prepare_image(pil, cfg.image_size, family)[None].to(device)
         ids, am = data.encode_text(tokenizer, args.text, cfg.max_tokens)
         model.eval()
@@ -401,9 +631,11 @@ def main(argv=None) -> None:
         # A method with a no-target head has already emptied mask_logits when it fires.
         mask = binary_mask(out["mask_logits"], (pil.height, pil.width), cfg.threshold)[0]
         mask = mask.cpu().numpy()
-        out_path = (
-            Path(args.out) / (args.name or args.method) / f"{Path(args.predict).stem}_pred.png"
+        # Beside the checkpoint's run folder, unless --out / --name say where.
+        run_dir = (
+            Path(args.out) / (args.name or args.method) if args.out else Path(args.resume).parent
         )
+        out_path = run_dir / f"{Path(args.predict).stem}_pred.png"
         out_path.parent.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 6 * pil.height / pil.width))
         show_mask(ax, np.asarray(pil), mask, "cyan")
@@ -412,6 +644,18 @@ def main(argv=None) -> None:
         plt.close(fig)
         print(f"wrote {out_path} ({int(mask.sum())} pixels selected)")
         return
+
+    # ---- the recipe: demo or the paper's, then the user's flags on top ---------------------------
+    recipe_name = args.recipe or ("demo" if synthetic else "paper")
+    recipe = dict(DEMO_RECIPE if recipe_name == "demo" else module.RECIPE)
+    if recipe_name == "demo" and not cfg.pretrained:
+        recipe["encoder_lr_factor"] = 1.0  # random-init encoders learn at the full rate
+    flags = {"lr": args.lr, "encoder_lr_factor": args.encoder_lr_mult,
+             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip}  # fmt: skip
+    recipe.update({k: v for k, v in flags.items() if v is not None})
+    # The recipe's batch is the total over all processes; --batch-size is per process.
+    batch_size = args.batch_size or max(1, recipe["batch_size"] // world)
+    recipe["batch_size"] = batch_size * world
 
     # ---- data -----------------------------------------------------------------------------
     def dataset(split, num_samples=None):
@@ -433,7 +677,7 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else repr(e))
     loader_kw = dict(
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         num_workers=workers,
         collate_fn=data.collate,
         pin_memory=device.type == "cuda",
@@ -445,14 +689,11 @@ def main(argv=None) -> None:
     # Each rank evaluates its own slice of the val set; the metric sums are all-reduced.
     val_loader = DataLoader(val_set, sampler=list(range(rank, len(val_set), world)), **loader_kw)
 
-    run_dir = Path(args.out) / (args.name or args.method)
+    run_dir = Path(args.out or "runs") / (
+        args.name or row_name and f"{args.method}-{row_name}" or args.method
+    )
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(
-            json.dumps(
-                {"args": vars(args), "preset": preset, "config": dataclasses.asdict(cfg)}, indent=2
-            )
-        )
         print(
             f"{args.method} ({preset}) on {args.dataset}: "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -460,9 +701,9 @@ def main(argv=None) -> None:
         )
 
     if args.eval_only:
-        metrics = evaluate(raw_model, val_loader, cfg, device, amp_ctx, master)
+        metrics = evaluate(raw_model, module, val_loader, cfg, device, amp_ctx, master)
         if master:
-            print(json.dumps(metrics))
+            print(format_metrics(metrics))
             # Not metrics.json: evaluating a checkpoint must not overwrite its training summary.
             out = run_dir / f"eval_{args.val_split}.json"
             out.write_text(json.dumps({"checkpoint": args.resume, "val": metrics}, indent=2))
@@ -470,25 +711,60 @@ def main(argv=None) -> None:
         return
 
     # ---- optimiser and schedule -------------------------------------------------------------
-    lr = args.lr or (1e-3 if preset == "tiny" else 5e-5)
-    enc_mult = args.encoder_lr_mult or (1.0 if preset == "tiny" else 0.1)
-    # Pretrained Hugging Face encoders get a smaller lr (CRIS/ASDA use 0.1x); the rest is new.
+    for prefix in recipe.get("frozen", ()):  # the recipe's frozen parts (e.g. BERT's embeddings)
+        hits = [p for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+        if not hits and master:
+            print(f"warning: the recipe freezes {prefix!r}, which this model does not have")
+        for p in hits:
+            p.requires_grad_(False)
+    lr = recipe["lr"]
+    # The Hugging Face encoders (pretrained, as in every paper) get a smaller lr than new layers.
     enc_ids = {
         id(p) for m in model.modules() if isinstance(m, PreTrainedModel) for p in m.parameters()
     }
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if id(p) in enc_ids], "lr": lr * enc_mult},
-            {"params": [p for p in params if id(p) not in enc_ids], "lr": lr},
-        ],
-        lr=lr,
-        weight_decay=args.weight_decay,
-    )
-    steps_per_epoch = len(train_set) // (args.batch_size * world)
+    groups = [
+        {"params": [p for p in params if id(p) in enc_ids], "lr": lr * recipe["encoder_lr_factor"]},
+        {"params": [p for p in params if id(p) not in enc_ids], "lr": lr},
+    ]
+    wd = recipe.get("weight_decay", 0.0)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if recipe["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **fused)
+    elif recipe["optimizer"] == "adam":  # the papers' Adam: weight decay as an L2 term
+        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=wd, **fused)
+    elif recipe["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=wd)
+    else:
+        fail(f"recipe optimizer {recipe['optimizer']!r}: choose adamw, adam or sgd")
+    steps_per_epoch = len(train_set) // (batch_size * world)
     if steps_per_epoch == 0:
         fail(f"the training split has {len(train_set)} samples, fewer than one batch per process")
-    total = args.max_steps or ((args.epochs or 40) * steps_per_epoch if not synthetic else 3000)
+    if args.max_steps:
+        total = args.max_steps
+    elif args.epochs:
+        total = args.epochs * steps_per_epoch
+    elif "epochs" in recipe:
+        total = recipe["epochs"] * steps_per_epoch
+    else:
+        total = recipe["iterations"]
+    unit = steps_per_epoch if "epochs" in recipe else 1  # the recipe's warm-up is in its unit
+    warmup = args.warmup if args.warmup is not None else round(recipe.get("warmup", 0) * unit)
+    recipe.update(name=recipe_name, total_steps=total, warmup_steps=warmup)
+    val_every = args.val_every or (500 if synthetic else steps_per_epoch)
+    if master:
+        (run_dir / "config.json").write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "preset": preset,
+                    "recipe": recipe,
+                    "config": dataclasses.asdict(cfg),
+                },
+                indent=2,
+            )  # fmt: skip
+        )
+        print(f"recipe ({recipe_name}): {describe_recipe(recipe)}; {total} steps")
     t_start, step, best = time.time(), 0, -1.0
 
     def progress() -> float:  # fraction of the budget used: steps, or the clock if it is set
@@ -496,7 +772,7 @@ def main(argv=None) -> None:
         return max(p, (time.time() - t_start) / args.time_budget) if args.time_budget else p
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, args.warmup, progress())
+        optimizer, lambda s: lr_factor(s, warmup, progress(), recipe)
     )
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -549,12 +825,13 @@ def main(argv=None) -> None:
                mininterval=0.1 if sys.stderr.isatty() else 30)  # fmt: skip
     model.train()
     t_log, done, metrics, start_step = time.time(), step >= total, None, step
+    t_saved = time.time()
     while not done:
         # The epoch's order is a function of (seed, epoch), so a resumed run skips exactly the
         # batches it has already seen instead of replaying them.
         epoch, skip = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
-        order = list(sampler)[skip * args.batch_size : steps_per_epoch * args.batch_size]
+        order = list(sampler)[skip * batch_size : steps_per_epoch * batch_size]
         for batch in DataLoader(train_set, sampler=order, drop_last=True, **loader_kw):
             images = batch["image"].to(device, non_blocking=True)
             targets = {
@@ -569,9 +846,9 @@ def main(argv=None) -> None:
                     targets=targets,
                 )
             scaler.scale(out["loss"]).backward()
-            if args.grad_clip > 0:
+            if recipe["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, recipe["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -594,28 +871,29 @@ def main(argv=None) -> None:
             out_of_time = args.time_budget and time.time() - t_start > args.time_budget
             paused = args.run_steps is not None and step - start_step >= args.run_steps
             done = step >= total or bool(out_of_time) or paused
-            if ddp:  # all ranks must stop at the same step, even on a clock budget
-                flag = torch.tensor(float(done), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                done = bool(flag.item())
-            if step % args.val_every == 0 or done:
-                metrics = evaluate(raw_model, val_loader, cfg, device, amp_ctx, master)
+            save = time.time() - t_saved > 60 * args.ckpt_minutes
+            if ddp:  # all ranks must stop (and save) at the same step, even on a clock
+                flags = torch.tensor([float(done), float(save)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                done, save = bool(flags[0].item()), bool(flags[1].item())
+            if step % val_every == 0 or done:
+                metrics = evaluate(raw_model, module, val_loader, cfg, device, amp_ctx, master)
                 if master:
                     log.write(json.dumps({"step": step, "val": metrics}) + "\n")
                     log.flush()
-                    tqdm.write(
-                        f"step {step}: "
-                        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
-                    )
+                    tqdm.write(f"step {step}: {format_metrics(metrics)}")
                 if metrics["mIoU"] > best:
                     best = metrics["mIoU"]
                     checkpoint(run_dir / "best.pt")
+                save = True
+            if save:
                 checkpoint(run_dir / "last.pt")
+                t_saved = time.time()
             if done:
                 break
     bar.close()
     if metrics is None:  # resumed at or past the end: nothing trained, still report
-        metrics = evaluate(raw_model, val_loader, cfg, device, amp_ctx, master)
+        metrics = evaluate(raw_model, module, val_loader, cfg, device, amp_ctx, master)
 
     # ---- wrap up ----------------------------------------------------------------------------
     # A DDP sanity check worth recording: every rank must hold the same weights at the end.
@@ -635,6 +913,8 @@ def main(argv=None) -> None:
             "step": step,
             "train_time_s": train_time,
             "ablate": list(cfg.ablate),
+            "row": args.row,
+            "recipe": recipe_name,
             "weight_checksums": [c.item() for c in checksums],
         }
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -644,7 +924,8 @@ def main(argv=None) -> None:
         )
         print(
             f"done: {step} steps in {train_time / 60:.1f} min, val mIoU {metrics['mIoU']:.4f}, "
-            f"oIoU {metrics['oIoU']:.4f}; outputs in {run_dir}"
+            f"oIoU {metrics['oIoU']:.4f}, "
+            f"text-swap IoU {metrics.get('text_swap_IoU', math.nan):.3f}; outputs in {run_dir}"
         )
     if ddp:
         dist.destroy_process_group()
