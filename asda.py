@@ -24,57 +24,74 @@ Symbols (paper -> code), shapes with B batch, L tokens, C channels, H, W the pat
     score_L, L (score_M, M)  probs, selected_layers (B, 2, 3), (B, 2)   Eq. 2-3 (1-based layer ids)
     F_L, F_M, F_H            F_L, F_M, F_H         (B, C_v, H, W)
     F~_L, F~_M               F_L_tilde, F_M_tilde  (B, C_v, H/4, W/4), (B, C_v, H/2, W/2)
+    Φ_up                     Phi_up                nearest up-sampling to a given size (Eq. 5, 7)
     F_G, F'_L, F'_M          F_G, F_L_prime, F_M_prime        Eq. 4-5
     F_coarse, F_A            F_coarse, F_A         (B, H*W, dim)
     n, N_c                   cfg.n, cfg.N_c        attention layers in CFS, response masks
     M', F'_K, F_fine         M_prime, F_K, F_fine  (B, N_c, 8H, 8W), (B, H*W, dim), (B, H*W, dim)
     f_coef, M                f_coef, mask_logits   (B, N_c), (B, 1, 8H, 8W)
 
-Differences from the paper and the released code (one line each):
-- Selector training: the paper only writes argmax(Linear + softmax); the release never trains it
-  (the argmax blocks every gradient, so Φ_T and Φ_as stay at their random init). We train it with
-  straight-through Gumbel-softmax (F.gumbel_softmax(hard=True), tau = cfg.gumbel_tau) in training
-  and take the plain argmax at eval; `--ablate frozen_selector` restores the release behaviour.
-- Eq. 1 multiplies f_E with Φ_T(raw class token), unnormalised, as Eq. 1 and the release do (the
-  prose says "cosine similarity"). f_E is the final, layer-normed [EOS] state (no text projection),
-  as in the paper; the release compares the class token with the [EOS] state of the same block.
-- Φ_T is shared by both groups, each group has its own Φ_as (as the release). Φ_as acts on the
-  concatenation [score^4, score^5, score^6] (Eq. 2: Linear(3C -> 3)); the release applies one
-  Linear(C -> 1) to each score. `selector = "mlp"` is Linear(3C, C)-ReLU-Linear(C, 3) and
-  `"conv"` a width-3 Conv1d across the candidates (Table 5 gives no details).
-- SFA as the paper (Eq. 4-5): F_L, F_M are max-pooled to H/4, H/2 (ViTDet-style [31]; ceil, so
-  26 -> 7 and 13), reduced to sfa_dim = 32 channels, summed top-down with bilinear up-sampling and
-  a 3x3 conv restores dim. The release instead up-samples x9 (x2) and x6 (x4) with transposed
-  convs, maps every level to 512, runs a top-down FPN to stride 4 and max-pools back to 26x26.
-- Eq. 4 needs f_E in the visual width: a Linear(C_t -> C_v) maps it first (768 vs 512 in ViT-B/16).
-- Conv blocks are Conv-BN-ReLU (paper: "Convolution-ReLU"; the release: Conv-BN-LeakyReLU(0.1)).
-- Local Visual Attention is pre-norm as Eq. 6 writes it, with a LayerNorm also before the MLP and a
-  fixed 2-D sine position added to queries and keys (the release: post-norm, DETR sine positions).
-  dim = 512, 8 heads, FFN 512, dropout 0.1 come from the release (the paper gives none of them).
-- CFS decoder as Eq. 7: three (x2 nearest up-sampling, 3x3 Conv-BN-ReLU) then a 1x1 conv to N_c
-  and a sigmoid, so the output stride is P/8: 2 at the paper preset (208x208 at 416 px, as the
-  release), 1 for the tiny preset (P = 8). The release uses ReLU instead of the sigmoid.
-- WCG cross-attention uses a key padding mask from attention_mask (the release has none and
-  attends to padding). Word features are Linear(C_t -> dim) of the final text states.
-- Φ_coef: two 3x3 Conv-BN-ReLU and a 1x1 conv to N_c as the paper, then global average pooling
-  (the paper does not say how the map becomes a vector; the release flattens 26*26*32 into a
-  Linear, which only works at 416 px), then tanh.
-- Loss = focal + Dice, weights 1:1; we use the paper's focal loss with Lin et al.'s alpha = 0.25,
-  gamma = 2. The release calls it with alpha = -1, gamma = 0, i.e. plain BCE
+Training recipe (paper §4.2): Adam, lr 5e-5, 30 epochs, lr x0.1 after epochs 18 and 25, batch 28
+on 2 RTX 3090, 416 px, 17 tokens (22 for G-Ref); encoders from CLIP ViT-B/16, fine-tuned; loss
+"a linear combination of focal loss and dice loss". RECIPE below, with the release's values where
+they differ. Tables 3-5 were trained for 10 epochs only.
+
+Loss balance. With the paper's focal loss (Lin et al.'s alpha 0.25, gamma 2) the focal term is
+~0.02 against a Dice term of ~0.8 on the demo, so at weights 1:1 training is driven by Dice
+alone. {FOCAL_SENTENCE}
+
+Differences from the paper and the released code, one line each.
+The paper is silent:
+- How Φ_coef's N_c maps become N_c numbers (Eq. 9): adaptive average pooling to coef_grid x
+  coef_grid cells, flattened into a Linear(N_c*coef_grid² -> N_c), then tanh. The release
+  flattens its 26x26 map into a Linear, i.e. coef_grid = 26 at 416 px (the paper preset), which
+  only works at one resolution. The coefficients then know where each response mask fires, not
+  only which masks to use: {COEF_SENTENCE} coef_grid = 0 is global average pooling.
+- How F_L, F_M are down-sampled to H/4, H/2: max pooling (ViTDet-style [31]; ceil, 26 -> 7, 13).
+- Eq. 4 needs f_E in the visual width: a Linear(C_t -> C_v) maps it first (512 -> 768 in ViT-B/16;
+  the release: Linear + BN + LeakyReLU, and a 1x1 ConvBN-LeakyReLU on F_H).
+- Widths: dim = 512, 8 heads, FFN 512, dropout 0.1 (the release's Local Visual Attention); the
+  CFS decoder width 256 (release: 512 // 2). A fixed 2-D sine position is added to the queries
+  and keys of the Local Visual Attention (the release: DETR sine positions).
+- Loss weights 1:1; the focal loss with Lin et al.'s alpha = 0.25, gamma = 2.
+The release differs:
+- It never trains the selector: the argmax blocks every gradient, so Φ_T and Φ_as keep their
+  random init (`--ablate frozen_selector` reproduces that).
+- Eq. 1: it multiplies Φ_T(class token of block i) with the text's [EOS] state of the SAME block
+  i; we use the final f_E as Eq. 1 writes it. Neither normalises (the prose says "cosine").
+- Φ_as: one Linear(C -> 1) per score; we apply Eq. 2's Linear(3C -> 3) to the concatenation.
+  Φ_T is shared by both groups, each group has its own Φ_as (as the release).
+- SFA: it up-samples x9 (x2) and x6 (x4) with transposed convs, maps every level to 512, runs a
+  top-down FPN to stride 4 and max-pools back to 26x26; we follow Eq. 4-5 (32-channel laterals).
+  The paper writes one Φ_lateral for F~_M and F_G; here, as in the release, each has its own.
+- Conv blocks are Conv-BN-LeakyReLU(0.1) there; Conv-BN-ReLU here (paper: "Convolution-ReLU").
+- CFS decoder: two 3x3 ConvBN at 26x26 before the three up-sampling blocks, a 3x3 final conv and
+  a ReLU on M'; we follow Eq. 7 (three (x2 up, 3x3 conv), a 1x1 conv, a sigmoid on M').
+- Local Visual Attention and WCG are post-norm there (so F_A leaves a LayerNorm); here pre-norm
+  as Eq. 6 and 8 write it, with a LayerNorm also before each MLP and no final LayerNorm.
+- WCG: FFN 2048 there, ffn_dim (512) here; it attends to padded words (no key padding mask), we
+  mask them; its words are ReLU(Linear(ln_final(text))), ours Linear(f_T).
+- Loss: it calls the focal loss with alpha = -1, gamma = 0, i.e. plain BCE
   (`--set focal_alpha=-1 focal_gamma=0` reproduces it).
-- Position embeddings: transformers interpolates CLIP's 14x14 table bicubically on every forward
-  (interpolate_pos_encoding=True); the release resizes it once (bilinear) into a new parameter.
-- Text length: 17 tokens (paper: 22 for G-Ref; the release hard-codes 17 everywhere, set
-  max_tokens=22 for G-Ref). Both encoders are fine-tuned (the release uses lr/10 for them).
-- Table 2's "single-branch" row is `single_branch` (words cross-attend into F_A, one mask decoded
-  from F_fine); row (d) without any word branch is `no_wcg`. `no_sfa` is row (c)'s CRIS-style
-  concatenation + projection of F_L, F_M, F_G at one scale; `manual_layers` uses layers 6 / 9.
-- The tiny preset keeps the paper's layer groups (4-6, 7-9) on a 10-layer, 32-wide ViT, so F_H
-  (layer 10) stays distinct from the candidates; the groups are Config fields.
+- Recipe: lr 2.5e-5 x batch / 16 (4.4e-5 at 28), 32 epochs, x0.1 at 18 and 28, AMP.
+- Metric: per-sample IoU averaged (mIoU) at threshold 0.35; the paper's tables say "IoU"
+  (overall IoU). Position embeddings: resized once (bilinear) into a new parameter; transformers
+  interpolates them bicubically on every forward (interpolate_pos_encoding=True).
+- Text: 17 tokens hard-coded for every dataset (paper: 22 for G-Ref: --set max_tokens=22).
+We deviate on purpose:
+- The selector learns: straight-through Gumbel-softmax (F.gumbel_softmax(hard=True), tau =
+  gumbel_tau) in training, the plain argmax at eval; the forward value is exactly F_V^(argmax).
+- Table 2 rows (a)-(d) say "segmentation decoder": here they keep CFS's Local Visual Attention
+  and decode one mask (no coefficients); (b)/(c) fuse by CRIS's concatenation + projection.
+- The demo's tiny preset loads the shared pretrained tiny CLIP (pretrained/tiny-clip: 10 vision
+  layers of width 64, 8x8 patches at 64 px, a 4-layer text tower): the paper's groups 4-6 / 7-9
+  and F_H = layer 10 fit; the aligner is 64 wide, sfa_dim 16, decoder 16, N_c = 8.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,15 +112,125 @@ import common
 TEXT_ENCODER = "clip"
 
 ABLATIONS: dict[str, str] = {
-    "manual_layers": "fixed layers F_L = 6, F_M = 9 instead of AFS (Table 2 row b, manual assign)",
-    "no_sfa": "AFS without SFA: F_L, F_M, F_G concatenated + projected at one scale (Table 2 c)",
-    "single_branch": "single-branch aligner: words cross-attend into F_A, one mask (Table 2 e)",
-    "no_wcg": "CFS only: one mask decoded from F_A, no word branch and no coefficients (Table 2 d)",
-    "frozen_selector": "selector left untrained (random Φ_T, Φ_as, plain argmax) as in the release",
+    "no_intermediate": "no intermediate layers: F_coarse from F_G = F_H ⊙ f_E alone (no F_L, F_M)",
+    "manual_layers": "fixed F_L, F_M = layers 6 and 9 (CRIS's manual assignment) instead of AFS",
+    "frozen_selector": "AFS selector left untrained (random Φ_T, Φ_as; plain argmax), as released",
+    "no_sfa": "F_L, F_M, F_G concatenated and projected at one scale instead of SFA (Eq. 4-5)",
+    "no_wcg": "no word branch: one mask decoded from F_A, no word attention and no coefficients",
+    "single_branch": "words cross-attend into F_A, one mask decoded from F_fine (no M', f_coef)",
 }
-# Non-boolean ablations are Config fields: N_c (Table 4), n (Table 3), selector (Table 5).
+
+
+def _paper(p50: float, p70: float, p90: float, iou: float) -> dict[str, float]:
+    """A row as the tables print it: P@0.5, P@0.7, P@0.9, IoU (%)."""
+    return {"Prec@0.5": p50, "Prec@0.7": p70, "Prec@0.9": p90, "oIoU": iou}
+
+
+# The paper's ablations. RefCOCO val, IoU as the tables print it ("IoU", called overall IoU in
+# §4.2; the release computes mIoU). Table 2 also prints testA / testB (in the row notes).
+_T345 = "10 epochs (§4.4), so lower than Table 2"
+TABLES = {
+    "Table 2": {
+        "(a) baseline: F_H ⊙ f_E to the segmentation decoder": {
+            "ablate": ("no_intermediate", "no_wcg"),
+            "paper": _paper(76.98, 62.80, 14.92, 66.70),  # RefCOCO val
+            "baseline": True,
+            "note": "testA 81.40/69.08/15.53/70.02, testB 70.10/53.89/17.21/62.43",
+        },
+        "(b) (a)+manual assign (layers 6, 9, concatenation)": {
+            "ablate": ("manual_layers", "no_sfa", "no_wcg"),
+            "paper": _paper(78.86, 66.43, 21.26, 69.38),  # RefCOCO val
+            "note": "testA 83.71/73.28/21.97/72.87, testB 73.30/58.82/22.72/65.88",
+        },
+        "(c) (a)+AFS": {
+            "ablate": ("no_sfa", "no_wcg"),
+            "paper": _paper(82.32, 71.77, 23.95, 71.78),  # RefCOCO val
+            "note": "testA 86.3/77.35/24.02/74.79, testB 75.89/63.49/25.84/67.58",
+        },
+        "(d) (a)+AFS+SFA": {
+            "ablate": ("no_wcg",),
+            "paper": _paper(82.37, 72.34, 27.09, 72.39),  # RefCOCO val
+            "note": "testA 86.30/77.44/27.68/75.25, testB 76.52/63.47/27.36/67.97",
+        },
+        "(e) (d)+single-branch": {
+            "ablate": ("single_branch",),
+            "paper": _paper(85.97, 76.76, 28.72, 74.65),  # RefCOCO val
+            "note": "testA 88.45/81.36/28.76/76.54, testB 79.50/68.45/29.55/70.62",
+        },
+        "(f) (d)+dual-branch (full)": {
+            "ablate": (),
+            "paper": _paper(86.37, 77.74, 29.80, 75.06),  # RefCOCO val
+            "note": "testA 89.28/82.23/29.96/77.14, testB 80.76/69.61/30.14/71.36",
+        },
+    },
+    "Table 3": {  # n, the layers of CFS's Local Visual Attention
+        f"n={n} Local Visual Attention layers": {
+            "set": {"n": n},
+            "paper": _paper(*values),  # RefCOCO val
+            "note": _T345,
+            **({"baseline": True} if n == 2 else {}),
+        }
+        for n, values in (
+            (1, (82.38, 71.64, 23.97, 71.72)),
+            (2, (83.68, 73.89, 24.94, 72.57)),
+            (3, (82.08, 71.94, 25.92, 72.13)),
+            (4, (83.0, 72.37, 24.79, 72.57)),
+        )
+    },
+    "Table 4": {  # N_c, the number of response masks and coefficients
+        f"N_c={N_c} response masks": {
+            "set": {"N_c": N_c},
+            "paper": _paper(*values),  # RefCOCO val
+            "note": _T345,
+            **({"baseline": True} if N_c == 32 else {}),
+        }
+        for N_c, values in (
+            (16, (79.68, 68.16, 22.2, 70.61)),
+            (32, (83.68, 73.89, 24.94, 72.57)),
+            (48, (82.46, 71.9, 24.91, 71.92)),
+            (64, (82.25, 70.6, 24.25, 71.78)),
+        )
+    },
+    "Table 5": {  # the adaptive selection network Φ_as
+        "MLP selector": {
+            "set": {"selector": "mlp"},
+            "paper": _paper(81.87, 71.25, 23.76, 71.59),  # RefCOCO val
+            "note": _T345,
+        },
+        "Conv selector": {
+            "set": {"selector": "conv"},
+            "paper": _paper(82.67, 72.16, 24.88, 72.05),  # RefCOCO val
+            "note": _T345,
+        },
+        "Linear selector (full model)": {
+            "set": {"selector": "linear"},
+            "paper": _paper(83.68, 73.89, 24.94, 72.57),  # RefCOCO val
+            "note": _T345,
+            "baseline": True,
+        },
+    },
+}
+
+RECIPE = {
+    "optimizer": "adam",  # §4.2 "Adam optimizer"; release train.py: torch.optim.Adam
+    "lr": 5e-5,  # §4.2; release: 2.5e-5 x total batch / 16 = 4.4e-5 at batch 28
+    "encoder_lr_factor": 0.1,  # release train.py: both CLIP towers at lr / 10 (paper silent)
+    "weight_decay": 0.0,  # paper silent; release: Adam's default (none)
+    "schedule": "step",  # §4.2: "decay the learning rate ... with a decay rate of 0.1"
+    "milestones": (18, 25),  # §4.2 (epochs); release train.py: 18 and 28
+    "gamma": 0.1,  # §4.2
+    "warmup": 0,  # neither the paper nor the release warms up
+    "epochs": 30,  # §4.2; release: 32 (Tables 3-5: 10 epochs, §4.4)
+    "batch_size": 28,  # §4.2: 28 on 2 RTX 3090 (release train.sh: 14 per GPU x 2)
+    "grad_clip": 0.0,  # release engine.py: no clipping (AMP GradScaler only)
+    "frozen": (),  # both encoders fine-tuned (release --tunelang, default True)
+}
 
 SELECTORS = ("linear", "mlp", "conv")
+
+# The kinds of referring expression of the built-in world's grammar (data.py), told apart by
+# their words; diagnostics() reports the selected layers per kind. Real datasets mix them freely.
+EXPRESSION_KINDS = ("attribute", "position", "relation", "ordinal")
 
 # CLIP ViT-B/16 written out, so pretrained=False builds the paper architecture offline.
 VIT_B16_VISION = dict(
@@ -141,7 +268,7 @@ class Config:
     # --- Adaptive Feature Selection (§3.3, Eq. 1-3) ---
     low_layers: tuple[int, ...] = (4, 5, 6)  # candidates for F_L (1-based ViT layers)
     mid_layers: tuple[int, ...] = (7, 8, 9)  # candidates for F_M
-    manual_layers: tuple[int, int] = (6, 9)  # Table 2 row b (used by --ablate manual_layers)
+    manual_layers: tuple[int, int] = (6, 9)  # Table 2 row b (--ablate manual_layers), as CRIS
     selector: str = "linear"  # Φ_as: "linear" | "mlp" | "conv" (Table 5; linear is best)
     gumbel_tau: float = 1.0  # straight-through Gumbel-softmax temperature (ours, see docstring)
     # --- Scale-Wise Feature Aggregator (Eq. 4-5) ---
@@ -149,12 +276,13 @@ class Config:
     # --- Word Guided Dual-Branch Aligner (§3.4) ---
     dim: int = 512  # C of F_coarse, F_A, F_fine (release: 512)
     num_heads: int = 8  # release
-    ffn_dim: int = 512  # release: dim_feedforward 512
+    ffn_dim: int = 512  # release: dim_feedforward 512 (its WCG: 2048)
     n: int = 2  # Local Visual Attention layers (paper §4.2, Table 3)
     decoder_dim: int = 256  # CFS decoder width (release: 512 // 2)
     N_c: int = 32  # response masks / coefficients (paper §4.2, Table 4)
+    coef_grid: int = 26  # Φ_coef pools to coef_grid² cells + Linear (release: flatten 26x26)
     dropout: float = 0.1  # release transformer dropout
-    # --- loss (§3.4: "focal loss and dice loss") ---
+    # --- loss (§3.4: "a linear combination of focal loss and dice loss") ---
     focal_alpha: float = 0.25  # Lin et al. defaults; release -1 (no balancing)
     focal_gamma: float = 2.0  # release 0 (= BCE)
     focal_weight: float = 1.0
@@ -168,38 +296,42 @@ class Config:
 
     @classmethod
     def tiny(cls) -> Config:
+        """The demo: the shared tiny CLIP pretrained on the built-in world (pretrain.py), 64 px.
+        vision_config / text_config equal the folder's architecture, so --no-pretrained builds
+        the same model with random weights."""
         return cls(
             image_size=64,
             max_tokens=17,
-            vocab_size=128,
-            pretrained=False,
-            # 10 thin layers: the paper's groups 4-6 / 7-9 and a distinct F_H (layer 10).
+            vocab_size=57,  # the built-in world's CLIP tokenizer; train.py sets len(tokenizer)
+            pretrained=True,
+            vision_name="pretrained/tiny-clip",
+            text_name="pretrained/tiny-clip",
+            # 10 layers: the paper's groups 4-6 / 7-9 and a distinct F_H (layer 10).
             vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
+                hidden_size=64,
+                intermediate_size=256,
                 num_hidden_layers=10,
-                num_attention_heads=2,
+                num_attention_heads=4,
                 patch_size=8,
                 image_size=64,
+                projection_dim=64,
             ),
-            # eos_token_id=2: HF's legacy value (the repo's convention for tiny CLIP text
-            # encoders); ASDA itself finds [EOS] as the argmax of the ids.
+            # bos / eos / pad ids follow the vocabulary (V-2, V-1, V-1): see load_clip.
             text_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
+                hidden_size=64,
+                intermediate_size=256,
+                num_hidden_layers=4,
+                num_attention_heads=4,
                 max_position_embeddings=32,
-                bos_token_id=0,
-                pad_token_id=1,
-                eos_token_id=2,
+                projection_dim=64,
             ),
             sfa_dim=16,
-            dim=32,
-            num_heads=2,
-            ffn_dim=64,
+            dim=64,
+            num_heads=4,
+            ffn_dim=128,
             decoder_dim=16,
             N_c=8,
+            coef_grid=4,  # the 8x8 patch grid pooled to 4x4 cells
             dropout=0.0,
         )
 
@@ -213,6 +345,13 @@ def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
     )
+
+
+def Phi_up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Φ_up (Eq. 5 and 7): nearest up-sampling of x (B, C, h, w) to `size` (the release's FPN and
+    decoder up-sample with nearest too). A size, not a factor: ceil-pooled grids (26 -> 13 -> 7)
+    do not double exactly."""
+    return F.interpolate(x, size=size, mode="nearest")
 
 
 def sine_position_2d(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -252,9 +391,13 @@ def from_pretrained(model_cls, name: str, **kwargs):
 
 
 def load_clip(cfg: Config) -> tuple[CLIPVisionModel, CLIPTextModel]:
-    """The two CLIP towers: from the Hub / a local dir, or random weights from the configs."""
+    """The two CLIP towers: from the Hub / a local folder, or random weights from the configs."""
     if not cfg.pretrained:
-        text_config = {**cfg.text_config, "vocab_size": cfg.vocab_size}
+        # The CLIP tokenizer convention (data.py): <|startoftext|> = V-2, <|endoftext|> = V-1 =
+        # pad. The Hub's ViT-B/16 config has its own (legacy) ids; ASDA finds [EOS] by argmax.
+        V = cfg.vocab_size
+        ids = dict(bos_token_id=V - 2, eos_token_id=V - 1, pad_token_id=V - 1)
+        text_config = {**ids, **cfg.text_config, "vocab_size": V}
         return CLIPVisionModel(CLIPVisionConfig(**cfg.vision_config)), CLIPTextModel(
             CLIPTextConfig(**text_config)
         )
@@ -270,7 +413,7 @@ def load_clip(cfg: Config) -> tuple[CLIPVisionModel, CLIPTextModel]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks, smallest first
+# The paper's parts, in the paper's order
 
 
 class FeatureExtraction(nn.Module):
@@ -308,9 +451,9 @@ class AdaptiveSelector(nn.Module):
         self.kind = kind
         if kind == "linear":  # Eq. 2: one Linear on the concatenation [score^4, score^5, score^6]
             self.net = nn.Linear(k * C, k)
-        elif kind == "mlp":
+        elif kind == "mlp":  # Table 5 "MLP" (no details given): Linear(3C, C)-ReLU-Linear(C, 3)
             self.net = nn.Sequential(nn.Linear(k * C, C), nn.ReLU(), nn.Linear(C, k))
-        elif kind == "conv":  # a width-3 convolution sliding across the candidate layers
+        elif kind == "conv":  # Table 5 "Conv": a width-3 convolution across the candidates
             self.net = nn.Conv1d(C, 1, kernel_size=3, padding=1)
         else:
             raise ValueError(f"unknown selector '{kind}' for asda; choose from {SELECTORS}")
@@ -370,7 +513,7 @@ class ScaleWiseFeatureAggregator(nn.Module):
     def __init__(self, C_v: int, C_t: int, sfa_dim: int, dim: int):
         super().__init__()
         self.sentence_proj = nn.Linear(C_t, C_v)  # f_E into the visual width for Eq. 4
-        self.up_L = conv_bn_relu(C_v, sfa_dim, 1)  # Φ_up's channel reduction for F~_L
+        self.reduce_L = conv_bn_relu(C_v, sfa_dim, 1)  # Φ_up's channel reduction to 32 on F~_L
         self.lateral_M = conv_bn_relu(C_v, sfa_dim, 1)  # Φ_lateral on F~_M
         self.lateral_G = conv_bn_relu(C_v, sfa_dim, 1)  # Φ_lateral on F_G (own weights and BN)
         self.agg = nn.Conv2d(sfa_dim, dim, 3, padding=1)  # Φ_agg: 3x3 conv restoring channels
@@ -382,32 +525,13 @@ class ScaleWiseFeatureAggregator(nn.Module):
         # §3.3: F~_M at H/2, F~_L at H/4 (ceil, so a 26x26 grid gives 13x13 and 7x7)
         F_M_tilde = F.max_pool2d(F_M, 2, ceil_mode=True)  # (B, C_v, H/2, W/2)
         F_L_tilde = F.max_pool2d(F_L, 4, ceil_mode=True)  # (B, C_v, H/4, W/4)
-        # Eq. 5: F'_L = Φ_up(F~_L), up-sampled to F~_M's grid (x2 up to rounding), 32 channels
-        F_L_prime = self.up_L(resize(F_L_tilde, F_M_tilde))  # (B, sfa_dim, H/2, W/2)
+        # Eq. 5: F'_L = Φ_up(F~_L), up-sampled to F~_M's grid with 32 channels
+        F_L_prime = self.reduce_L(Phi_up(F_L_tilde, F_M_tilde.shape[-2:]))  # (B, sfa, H/2, W/2)
         # Eq. 5: F'_M = Φ_lateral(F~_M) + F'_L
         F_M_prime = self.lateral_M(F_M_tilde) + F_L_prime  # (B, sfa_dim, H/2, W/2)
         # Eq. 5: F_coarse = Φ_agg(Φ_lateral(F_G) + Φ_up(F'_M)), then flattened
-        F_coarse = self.agg(self.lateral_G(F_G) + resize(F_M_prime, F_G))  # (B, dim, H, W)
-        return F_coarse.flatten(2).transpose(1, 2)  # (B, H*W, dim)
-
-
-def resize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bilinear resize of x (B, C, h, w) to like's spatial size (Φ_up)."""
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
-
-
-class ConcatFusion(nn.Module):
-    """Ablation `no_sfa` (Table 2 rows b/c): CRIS-style concatenation + projection, one scale."""
-
-    def __init__(self, C_v: int, C_t: int, dim: int):
-        super().__init__()
-        self.sentence_proj = nn.Linear(C_t, C_v)
-        self.proj = nn.Sequential(conv_bn_relu(3 * C_v, dim, 1), nn.Conv2d(dim, dim, 3, padding=1))
-
-    def forward(self, F_L, F_M, F_H, f_E):
-        F_G = F_H * self.sentence_proj(f_E)[:, :, None, None]  # Eq. 4, (B, C_v, H, W)
-        F_coarse = self.proj(torch.cat([F_L, F_M, F_G], dim=1))  # (B, 3*C_v, H, W) -> (B, dim, ..)
-        return F_coarse.flatten(2).transpose(1, 2)  # (B, H*W, dim)
+        F_coarse = self.agg(self.lateral_G(F_G) + Phi_up(F_M_prime, F_G.shape[-2:]))
+        return F_coarse.flatten(2).transpose(1, 2)  # (B, dim, H, W) -> (B, H*W, dim)
 
 
 class LocalVisualAttentionLayer(nn.Module):
@@ -446,8 +570,8 @@ class SegmentationDecoder(nn.Module):
         """F_A (B, dim, H, W) -> F_A^(4) (B, out_channels, 8H, 8W), before the sigmoid."""
         x = F_A
         for block in self.blocks:
-            # Eq. 7: F_A^(i) = conv3x3(up(F_A^(i-1))), i = 1, 2, 3
-            x = block(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, C, 2h, 2w)
+            # Eq. 7: F_A^(i) = conv3x3(Φ_up(F_A^(i-1))), i = 1, 2, 3
+            x = block(Phi_up(x, (2 * x.shape[-2], 2 * x.shape[-1])))  # (B, C, 2h, 2w)
         return self.out(x)  # Eq. 7: F_A^(4) = conv1x1(F_A^(3))
 
 
@@ -465,9 +589,10 @@ class VisualLanguageAttention(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, F_A, f_T, pad):
-        """F_A (B, H*W, dim); f_T (B, L, dim); pad (B, L) bool, True = padding (ignored keys)."""
-        t = self.norm_t(f_T)
+    def forward(self, F_A, words, pad):
+        """F_A (B, H*W, dim); words (B, L, dim) = f_T in this width; pad (B, L) bool, True =
+        padding (ignored keys)."""
+        t = self.norm_t(words)
         # Eq. 8: F'_K = MHCA(LN(F_A), LN(f_T)) + F_A
         F_K = F_A + self.drop(
             self.attn(self.norm_v(F_A), t, t, key_padding_mask=pad, need_weights=False)[0]
@@ -477,18 +602,27 @@ class VisualLanguageAttention(nn.Module):
 
 
 class GatedCoefficientGeneration(nn.Module):
-    """Φ_coef (Eq. 9): two 3x3 convs and a 1x1 conv to N_c channels, pooled, then tanh."""
+    """Φ_coef (Eq. 9): two 3x3 convs and a 1x1 conv to N_c maps, then one number per map, tanh.
 
-    def __init__(self, dim: int, N_c: int):
+    The maps become numbers through a coef_grid x coef_grid adaptive average pool and a Linear
+    over all cells (the release: flatten the 26x26 map + Linear): a coefficient can then depend
+    on WHERE its map fires. coef_grid = 0: global average pooling, one cell, no Linear."""
+
+    def __init__(self, dim: int, N_c: int, coef_grid: int):
         super().__init__()
         self.convs = nn.Sequential(
             conv_bn_relu(dim, dim, 3), conv_bn_relu(dim, dim, 3), nn.Conv2d(dim, N_c, 1)
         )
+        self.grid = coef_grid
+        self.fc = nn.Linear(N_c * coef_grid**2, N_c) if coef_grid else None
 
     def forward(self, F_fine: torch.Tensor) -> torch.Tensor:
         """F_fine (B, dim, H, W) -> f_coef (B, N_c) in (-1, 1)."""
-        # Global average pooling turns the N_c maps into one coefficient each (see docstring).
-        return torch.tanh(self.convs(F_fine).mean(dim=(2, 3)))  # Eq. 9
+        maps = self.convs(F_fine)  # (B, N_c, H, W)
+        if self.fc is None:
+            return torch.tanh(maps.mean(dim=(2, 3)))  # Eq. 9 with global average pooling
+        cells = F.adaptive_avg_pool2d(maps, self.grid).flatten(1)  # (B, N_c * grid²)
+        return torch.tanh(self.fc(cells))  # Eq. 9, (B, N_c)
 
 
 def combine_masks(f_coef: torch.Tensor, M_prime: torch.Tensor) -> torch.Tensor:
@@ -496,6 +630,29 @@ def combine_masks(f_coef: torch.Tensor, M_prime: torch.Tensor) -> torch.Tensor:
 
     f_coef (B, N_c), M' (B, N_c, h, w) -> M (B, 1, h, w)."""
     return torch.einsum("bk,bkhw->bhw", f_coef, M_prime).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing for Table 2's rows (a)-(c): single-scale fusion instead of SFA
+
+
+class ConcatFusion(nn.Module):
+    """CRIS-style fusion at one scale (Table 2 rows a-c): F_G = F_H ⊙ f_E (Eq. 4), concatenated
+    with F_L and F_M when given, projected to dim by a 1x1 ConvBN-ReLU and a 3x3 conv."""
+
+    def __init__(self, C_v: int, C_t: int, dim: int, levels: int):
+        super().__init__()
+        self.sentence_proj = nn.Linear(C_t, C_v)
+        self.proj = nn.Sequential(
+            conv_bn_relu(levels * C_v, dim, 1), nn.Conv2d(dim, dim, 3, padding=1)
+        )
+
+    def forward(self, F_L, F_M, F_H, f_E):
+        """F_L, F_M (B, C_v, H, W) or None (row a); F_H (B, C_v, H, W) -> (B, H*W, dim)."""
+        F_G = F_H * self.sentence_proj(f_E)[:, :, None, None]  # Eq. 4, (B, C_v, H, W)
+        levels = [F_G] if F_L is None else [F_L, F_M, F_G]
+        F_coarse = self.proj(torch.cat(levels, dim=1))  # (B, levels*C_v, H, W) -> (B, dim, H, W)
+        return F_coarse.flatten(2).transpose(1, 2)  # (B, H*W, dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,38 +672,42 @@ class ASDA(nn.Module):
             if not 1 <= layer <= self.num_layers:
                 raise ValueError(f"layer {layer} outside the ViT's 1..{self.num_layers}")
 
-        # §3.3: AFS, or the fixed layers of Table 2 row b
-        self.afs = None
-        if "manual_layers" not in ablate:
+        # §3.3: where F_L, F_M come from: AFS, the fixed layers of row (b), or nowhere (row a)
+        self.intermediate = "no_intermediate" not in ablate
+        self.adaptive = self.intermediate and "manual_layers" not in ablate
+        if self.adaptive:
             self.afs = AdaptiveFeatureSelection(C_v, C_t, (cfg.low_layers, cfg.mid_layers), cfg)
-        # §3.3: SFA, or the single-scale concatenation of Table 2 rows b/c
-        if "no_sfa" in ablate:
-            self.fusion = ConcatFusion(C_v, C_t, cfg.dim)
-        else:
+        # §3.3: SFA, or the single-scale concatenation of rows (a)-(c)
+        if self.intermediate and "no_sfa" not in ablate:
             self.fusion = ScaleWiseFeatureAggregator(C_v, C_t, cfg.sfa_dim, cfg.dim)
+        else:
+            self.fusion = ConcatFusion(C_v, C_t, cfg.dim, levels=3 if self.intermediate else 1)
 
         # §3.4, CFS: n layers of Local Visual Attention and the segmentation decoder
         self.local_attention = nn.ModuleList(
             LocalVisualAttentionLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
             for _ in range(cfg.n)
         )
-        self.dual_branch = not ablate & {"single_branch", "no_wcg"}
+        # Rows (a)-(e) decode one mask; only the full dual branch decodes N_c response masks.
+        self.word_branch = "no_wcg" not in ablate
+        self.dual_branch = self.word_branch and "single_branch" not in ablate
         self.decoder = SegmentationDecoder(
             cfg.dim, cfg.decoder_dim, cfg.N_c if self.dual_branch else 1
         )
-        # §3.4, WCG: word cross-attention (also used by the single-branch ablation) and Φ_coef
-        if "no_wcg" not in ablate:
+        # §3.4, WCG: word cross-attention (also used by the single-branch row) and Φ_coef
+        if self.word_branch:
             self.word_proj = nn.Linear(C_t, cfg.dim)  # f_T into the aligner width
             self.word_attention = VisualLanguageAttention(
                 cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout
             )
         if self.dual_branch:
-            self.coefficients = GatedCoefficientGeneration(cfg.dim, cfg.N_c)
+            self.coefficients = GatedCoefficientGeneration(cfg.dim, cfg.N_c, cfg.coef_grid)
 
     def forward(self, images, input_ids, attention_mask, targets=None) -> dict:
         """images (B, 3, H*P, W*P), input_ids / attention_mask (B, L) -> dict with
-        "mask_logits" (B, 1, 8H, 8W), "selected_layers" (B, 2) long (1-based ids of F_L, F_M),
-        "selection_probs" (B, 2, 3) (score_L, score_M; absent with manual_layers) and, given
+        "mask_logits" (B, 1, 8H, 8W); "selected_layers" (B, 2) long, the 1-based ids of F_L, F_M
+        (absent in row a); "candidate_layers" (2, k) long; "selection_probs" (B, 2, 3) (score_L,
+        score_M; only with AFS); "f_coef" (B, N_c) (only with the dual branch) and, given
         targets {"masks": (B, H*P, W*P)}, "loss" and "losses" {"focal", "dice"}."""
         cfg = self.cfg
         B = images.shape[0]
@@ -556,17 +717,22 @@ class ASDA(nn.Module):
 
         # §3.2: features of every ViT layer, the words and the sentence
         patches, f_C, f_T, f_E = self.features(images, input_ids, attention_mask)
+        F_H = tokens_to_map(patches[self.num_layers], H, W)  # the last layer, (B, C_v, H, W)
 
         # §3.3, Eq. 1-3: F_L from layers 4-6 and F_M from layers 7-9, chosen per sample
-        if self.afs is not None:
+        F_L = F_M = None
+        if self.adaptive:
             (F_L, F_M), layers, probs = self.afs(patches, f_C, f_E)
             out["selection_probs"] = probs  # (B, 2, 3): score_L and score_M
-        else:
+            candidates = (cfg.low_layers, cfg.mid_layers)
+        elif self.intermediate:  # Table 2 row (b): CRIS's fixed layers
             F_L, F_M = patches[cfg.manual_layers[0]], patches[cfg.manual_layers[1]]
             layers = torch.tensor(cfg.manual_layers, device=images.device).expand(B, 2)
-        out["selected_layers"] = layers  # (B, 2) long, 1-based layer ids
-        F_H = patches[self.num_layers]  # highest-level feature: the last layer's output
-        F_L, F_M, F_H = (tokens_to_map(x, H, W) for x in (F_L, F_M, F_H))  # (B, C_v, H, W)
+            candidates = tuple((layer,) for layer in cfg.manual_layers)
+        if self.intermediate:
+            out["selected_layers"] = layers  # (B, 2) long, 1-based layer ids
+            out["candidate_layers"] = torch.tensor(candidates, device=images.device)  # (2, k)
+            F_L, F_M = tokens_to_map(F_L, H, W), tokens_to_map(F_M, H, W)  # (B, C_v, H, W)
 
         # Eq. 4-5: F_coarse (B, H*W, dim)
         F_coarse = self.fusion(F_L, F_M, F_H, f_E)
@@ -577,17 +743,18 @@ class ASDA(nn.Module):
         for layer in self.local_attention:
             F_A = layer(F_A, pos)  # (B, H*W, dim)
 
-        if "no_wcg" in cfg.ablate:  # Table 2 row d: decode the mask from F_A alone
+        if not self.word_branch:  # Table 2 rows (a)-(d): decode the mask from F_A alone
             out["mask_logits"] = self.decoder(tokens_to_map(F_A, H, W))  # (B, 1, 8H, 8W)
         else:
-            f_T = self.word_proj(f_T)  # (B, L, dim)
-            F_fine = self.word_attention(F_A, f_T, pad=attention_mask == 0)  # Eq. 8
+            words = self.word_proj(f_T)  # f_T in the aligner width, (B, L, dim)
+            F_fine = self.word_attention(F_A, words, pad=attention_mask == 0)  # Eq. 8
             if self.dual_branch:
                 # Eq. 7: response masks M' from F_A (CFS branch); words never enter them
                 M_prime = self.decoder(tokens_to_map(F_A, H, W)).sigmoid()  # (B, N_c, 8H, 8W)
                 f_coef = self.coefficients(tokens_to_map(F_fine, H, W))  # Eq. 9, (B, N_c)
+                out["f_coef"] = f_coef
                 out["mask_logits"] = combine_masks(f_coef, M_prime)  # Eq. 10, (B, 1, 8H, 8W)
-            else:  # Table 2 row e: single branch, the mask is decoded from the word-fused F_fine
+            else:  # Table 2 row (e): single branch, the mask is decoded from the word-fused F_fine
                 out["mask_logits"] = self.decoder(tokens_to_map(F_fine, H, W))
 
         if targets is not None:
@@ -601,29 +768,93 @@ class ASDA(nn.Module):
 
 
 def build_model(cfg: Config) -> nn.Module:
-    for name in cfg.ablate:
+    ablate = set(cfg.ablate)
+    for name in ablate:
         if name not in ABLATIONS:
             raise ValueError(f"unknown ablation '{name}' for asda; choose from {sorted(ABLATIONS)}")
-    if {"single_branch", "no_wcg"} <= set(cfg.ablate):
+    if {"single_branch", "no_wcg"} <= ablate:
         raise ValueError("asda: choose one of the ablations 'single_branch' and 'no_wcg'")
-    if {"manual_layers", "frozen_selector"} <= set(cfg.ablate):
+    if {"manual_layers", "frozen_selector"} <= ablate:
         raise ValueError("asda: 'manual_layers' has no selector, so 'frozen_selector' is moot")
+    if "no_intermediate" in ablate and ablate & {"manual_layers", "frozen_selector", "no_sfa"}:
+        raise ValueError(
+            "asda: 'no_intermediate' has no F_L, F_M: 'manual_layers', 'frozen_selector' and "
+            "'no_sfa' are moot with it"
+        )
     if cfg.selector not in SELECTORS:
         raise ValueError(f"unknown selector '{cfg.selector}' for asda; choose from {SELECTORS}")
     return ASDA(cfg)
 
 
+# ---------------------------------------------------------------------------------------------
+# The mechanism measured (train.py calls these on eval batches)
+
+
+def expression_kind(sentence: str) -> str:
+    """The built-in grammar's kind of a referring expression, from its words (EXPRESSION_KINDS):
+    relation ("left of", "right of", "above", "below"), ordinal ("second", "third"), position
+    ("leftmost", "rightmost", "at the top", "at the bottom"), else attribute ("the red circle")."""
+    s = sentence.lower()
+    if re.search(r"\b(left of|right of|above|below)\b", s):
+        return "relation"
+    if re.search(r"\b(second|third)\b", s):
+        return "ordinal"
+    if re.search(r"\b(leftmost|rightmost)\b|\bat the (top|bottom)\b", s):
+        return "position"
+    return "attribute"
+
+
+def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
+    """What AFS selects, on one eval batch (plain argmax, as at test time):
+
+    entropy_F_L, entropy_F_M   mean entropy of score_L / score_M per sample, in nats (ln 3 = 1.10
+                               for three equal candidates; near 0 = saturated, no gradient left)
+    layer{l}                   share of the samples whose F_L (or F_M) is layer l, for every
+                               candidate l (the two groups have distinct layers)
+    layer{l}/{kind}            the same among the samples of one expression kind (NaN when the
+                               batch has none of that kind): does the selection follow the text?
+    Empty for Table 2 row (a), which has no F_L, F_M."""
+    if "selected_layers" not in outputs:
+        return {}
+    selected = outputs["selected_layers"].cpu()  # (B, 2)
+    candidates = outputs["candidate_layers"].cpu()  # (2, k)
+    kinds = np.array([expression_kind(s) for s in batch["sentence"]])
+    result = {}
+    probs = outputs.get("selection_probs")  # (B, 2, k) or None
+    for g, name in enumerate(("F_L", "F_M")):
+        if probs is None:
+            result[f"entropy_{name}"] = math.nan
+        else:
+            p = probs[:, g].float()
+            result[f"entropy_{name}"] = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+        for layer in candidates[g].tolist():
+            chosen = (selected[:, g] == layer).numpy()  # (B,) bool
+            result[f"layer{layer}"] = float(chosen.mean())
+            for kind in EXPRESSION_KINDS:
+                of_kind = kinds == kind
+                result[f"layer{layer}/{kind}"] = (
+                    float(chosen[of_kind].mean()) if of_kind.any() else math.nan
+                )
+    return result
+
+
 def sample_extra(outputs: dict, i: int, tokenizer) -> tuple[np.ndarray | None, str]:
-    """No extra map; the caption names the layers AFS picked for sample i."""
+    """No extra map; the caption names the layers AFS picked for sample i and their scores."""
+    if "selected_layers" not in outputs:
+        return None, "F_H ⊙ f_E only (Table 2 row a)"
     low, mid = outputs["selected_layers"][i].tolist()
-    return None, f"layers {low} / {mid}"
+    if "selection_probs" not in outputs:
+        return None, f"fixed layers F_L = {low}, F_M = {mid}"
+    p_low, p_mid = outputs["selection_probs"][i].max(-1).values.tolist()
+    return None, f"AFS: F_L = layer {low} (p {p_low:.2f}), F_M = layer {mid} (p {p_mid:.2f})"
 
 
 if __name__ == "__main__":
     cfg = Config.tiny()
+    cfg.pretrained = False  # the shape smoke run needs no weights
     model = build_model(cfg)
     B, L = 2, cfg.max_tokens
-    ids = torch.randint(3, cfg.vocab_size - 2, (B, L))
+    ids = torch.randint(0, cfg.vocab_size - 2, (B, L))
     ids[:, 0], ids[:, 6:] = cfg.vocab_size - 2, cfg.vocab_size - 1  # [SOS] w1..w5 [EOS] pad
     mask = (torch.arange(L) <= 6).long().expand(B, L)
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size)
