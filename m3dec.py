@@ -34,61 +34,90 @@ Symbols (paper -> code). Shapes: B batch, N_t = max_tokens words, C channels, HW
     e, W_proj, F_proj, F_rec  LanguageReconstruction.e / .W_proj, F_proj (B, C), F_rec (B, C)
     w_mask, w_rec (Eq. 5)     Config.w_mask = 1, Config.w_rec = 0.1
 
-Ablations (`--ablate a,b`; the number of M3Dec layers is `--set num_dec_layers=1..4`):
-    Table I:   num_dec_layers x {shared (default), independent_matrices, generic_attention}
-    Table II:  #0 generic_attention,no_imi,no_lfr  #1 no_imi,no_lfr  #2 no_lfr
-               #3 imi_fixed_ft,no_lfr  #4 (nothing)
-    Table III: vlt_mask_decoder (the "Concate" row is not implemented)
+Training recipe (§IV-A; `RECIPE`, used by `train.py --recipe paper`): Adam, lr 0.005 with a step
+decay, 50 epochs, batch 48 on 4 V100; loss w_mask BCE + w_rec LFR = 1 x BCE + 0.1 x MSE (Eq. 5).
+The paper gives one recipe for its CNN and Swin rows. The built-in demo does not use it: train.py's
+DEMO_RECIPE (AdamW 1e-3, pretrained encoders x0.1, poly decay, 100 warm-up steps, 3000 steps of
+batch 16, clip 1) fits a CPU budget; lr 0.005 is far above what fine-tuning a pretrained Swin/BERT
+with Adam tolerates at this scale.
 
-Differences from the paper. No official code exists; every choice below is ours, one line each:
+Calibrated start. The last mask convolution starts with bias log(p / (1 - p)), p = Config.mask_prior
+(the training masks' foreground share, 3.2% on the synthetic shapes), so the first prediction is the
+prior, not p = 0.5 everywhere: at 0.5 the BCE's gradient mostly says "less foreground" and, measured
+on the demo, no pixel crossed 0.5 after 500 steps (mIoU 0.0; 20.4 with the calibrated bias). The
+first loss is then close to the prior's entropy, H(p) = 0.14 nats for p = 0.032.
+
+Ablations (ABLATIONS names components; TABLES spells out every paper row as flags + --set):
+    TABLE I:   num_dec_layers 1-4 x {shared (default), independent_matrices, generic_attention}
+    TABLE II:  #0 generic_attention,no_imi,no_lfr  #1 no_imi,no_lfr  #2 no_lfr
+               #3 imi_fixed_ft,no_lfr  #4 (nothing)
+    TABLE III: vlt_mask_decoder, concat_mask_decoder, (nothing)
+
+Differences from the paper. No official code exists (nor for VLT's Swin version), so there is no
+release to differ from; every line below is ours.
+The paper is silent:
 - Encoders: HF SwinBackbone (Swin-B, window 12, 384 in22k) + BertModel, every layer trained; the
-  paper's text describes its CNN + bi-LSTM row and does not say what is frozen in the Swin row.
-- F_vis: Swin stages 2-4 (strides 8/16/32) fused into one stride-16 map (1x1 conv each, stride 32
-  upsampled, stride 8 average-pooled, concat, 1x1 conv), as VLT's neck feeds a 1/16 map to its
-  transformer; the paper only says H x W x C.
+  text describes its CNN + bi-LSTM row and not what is frozen in the Swin row.
+- F_vis: Swin stages enc_stage-1..enc_stage+1 (strides 8/16/32 for Swin-B) fused into one map at
+  the stride of stage `enc_stage` (1x1 conv each, coarser upsampled, finer average-pooled, concat,
+  1x1 conv), as VLT's neck feeds one 1/16 map to its transformer; the paper only says H x W x C.
 - The encoder sees vision only (as the text says); VLT's multiplication with the sentence feature
-  before the encoder is not used.
-- Encoder positional encoding: a fixed 2-D sine encoding added once to the encoder input.
+  before the encoder is not used. Positional encoding: a fixed 2-D sine encoding, added once.
 - Transformer layers (encoder, M3Dec, mask decoder): post-norm as in [5], FFN width 4C, dropout
   0.1, ReLU. The M3Dec layer has residual + LayerNorm around each sub-layer and an FFN (Fig. 3c).
 - "All linear layers and convolutions are followed by BN and ReLU" (§IV-A) is applied to feature
   layers (text projection, neck, F_mul projection, IMI language transform, LFR reconstruction MLP,
   mask convs except the last one); attention query/key/value projections are plain linears [5].
+- BatchNorm over words (text projection, M3Att projection, IMI's transform and BN, LFR's MLP)
+  takes its statistics from the real tokens only: padded rows (2/3 of the rows on the demo) would
+  otherwise set the statistics; they are set to 0 after it.
 - F_t = BERT's last hidden states of all tokens ([CLS] and [SEP] included) -> Linear+BN+ReLU to C;
   F_t' = the projected [CLS] state (the paper's final LSTM state).
 - M3Att is single-head with the 1/sqrt(C) scale of Eq. 1; the 8 heads are used in the encoder and
-  in the self-/cross-attentions.
-- Padded words get -inf before every softmax over words (Eq. 2b, Eq. 3, key padding masks); their
-  rows still exist so that N_t is fixed.
+  in the self-/cross-attentions. Padded words get -inf before every softmax over words (Eq. 2b,
+  Eq. 3, key padding masks); their rows still exist so that N_t is fixed.
 - The M3Dec cross-attention uses the M3Att output as key and value (the paper names the value).
-- The first M3Dec query is F_t without an added positional encoding (BERT already encodes order).
+  The first M3Dec query is F_t without an added positional encoding (BERT already encodes order).
 - Independent matrices: two extra key projections give a second A_mut used for VAL (Eq. 2b);
   the first one stays for LAV (Eq. 2a), as §IV-B describes.
 - Generic attention (LAV only): M3Att + cross-attention are replaced by one multi-head
   cross-attention from the query to F_enc (the VLT decoder layer).
 - IMI: N_dec - 1 blocks, one between each two successive M3Dec layers; F_l^n = Linear+BN+ReLU of
-  F_l^{n-1}; Eq. 3 gets a 1/sqrt(C) scale (none is written; without it the softmax saturates at
-  C = 256); softmax over the words of F_l^n; w_ci^n initialised to 1.
-- IMI* (imi_fixed_ft): F_i^n := F_t for every block, no language pathway (Table II #3).
+  F_l^{n-1}; softmax over the words of F_l^n; w_ci^n starts at 1. IMI* (imi_fixed_ft):
+  F_i^n := F_t for every block, no language pathway (Table II #3).
 - LFR: N_t counts the attended tokens [CLS]..[SEP]; e is the sine/cosine embedding of [5]; the three
   reconstruction linears are Linear+BN+ReLU (so F_rec >= 0 like F_proj); average pooling over the
-  attended tokens; MSE over channels; no stop-gradient on either side (the paper mentions none).
+  attended tokens; MSE over channels.
 - Mask decoder: self-attention over F_dec (8 heads, residual + LayerNorm), F_dec rows as 1x1 kernels
   on F_enc -> N_t maps (padded words zeroed), four 3x3 convs (512 channels) with x2 bilinear
-  upsampling between them -> logits at stride 2 (VLT's seg_out_stride = 2).
-- VLT mask decoder (ablation): the N_t maps come from Linear(C -> HW) + ReLU on F_dec (VLT's
-  `Dense(spatial_size)`), same convs; VLT's query-balance gate is left out and the self-attention
-  kept, so only the source of the maps changes.
+  upsampling between them down to stride 2 (VLT's seg_out_stride = 2); the last conv's bias is the
+  calibrated start above.
+- VLT mask decoder (TABLE III): the N_t maps come from Linear(C -> HW) + ReLU on F_dec (VLT's
+  `Dense(spatial_size)`), same convs; VLT's query-balance gate is left out.
+- Concate mask decoder (TABLE III, "we sum and concatenate them with the transformer encoder
+  output"): F_dec summed over the real words, tiled over the pixels and concatenated with F_enc
+  (2C channels) replaces the N_t kernel maps; same convs.
+- Loss: BCE at the logits' resolution with the GT resized nearest (common.bce_loss); threshold 0.5
+  (the BERT-family convention here; VLT used 0.35). The paper's "IoU" is VLT's evaluation, the mean
+  of the per-sample IoUs (mIoU here).
+- Visualisation (sample_extra): the last layer's LAV map softmax(A_mut) (Eq. 2a) of the word that
+  receives the most VAL attention (sum over pixels of softmax(A_mut^T)) and that word's VAL map
+  (Eq. 2b); with generic attention, the head-averaged map of the word with the highest peak.
+We deviate on purpose:
+- Eq. 3 gets a 1/sqrt(C) scale (none is written): without it the softmax saturates at C = 256.
+- LFR target: F_proj is detached by default (`lfr_stop_grad`) and W_proj, which then gets no
+  gradient, stays at its random initialisation (a fixed random projection of the trained F_t).
+  Without it a constant satisfies the objective: on the demo ||F_proj|| fell 1.89 -> 0.40 and its
+  spread across sentences 0.110 -> 0.005 in 500 steps, and R^2(F_rec) < 0. `--set
+  lfr_stop_grad=False` gives the paper's objective.
 - Fixed size: F_mul (N_t x HW) -> Linear(HW -> C) ties the model to Config.image_size (and the mask
   decoder to max_tokens); other image sizes raise a ValueError, shorter texts are padded to
   max_tokens, longer ones raise.
-- Loss: BCE at the logits' resolution with the GT resized nearest (common.bce_loss); threshold 0.5
-  (the BERT-family convention of this repository; VLT used 0.35).
-- Visualisation: the last layer's LAV map softmax(A_mut) (Eq. 2a) of the word that receives the
-  most VAL attention (sum over pixels of softmax(A_mut^T)); with generic attention, the
-  head-averaged cross-attention map of the word with the highest peak.
-- Recipe (train.py's business): the paper gives Adam, lr 0.005 with step decay, 50 epochs, batch 48
-  for its CNN row and nothing specific for the Swin row.
+- Tiny preset (the demo: 64 px, the shared pretrained tiny Swin, patch 4, depths 2 = shifted
+  windows in every stage): F_enc is Swin stage 2 (8 x 8, stride 8) instead of stage 3 (stride 16,
+  4 x 4), and the mask decoder upsamples twice instead of three times, so the output keeps the
+  paper's stride 2 (32 x 32 logits). A 4 x 4 F_enc puts a whole 8-16 px object into one or two
+  cells (mIoU 0.13 after 3000 steps, against about 0.3 after 600 with an 8 x 8 map).
 
 Reference code: none released. Base architecture: VLT (ICCV'21),
 https://github.com/henghuiding/Vision-Language-Transformer (TF/Keras).
@@ -97,10 +126,9 @@ https://github.com/henghuiding/Vision-Language-Transformer (TF/Keras).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,12 +139,105 @@ from common import bce_loss
 TEXT_ENCODER = "bert"
 
 ABLATIONS: dict[str, str] = {
-    "generic_attention": "generic cross-attention (LAV only) instead of M3Att (Table I, II #0)",
-    "independent_matrices": "separate A_mut for LAV and VAL instead of one shared matrix (Table I)",
-    "no_imi": "no Iterative Multi-Modal Interaction between M3Dec layers (Table II #1)",
-    "imi_fixed_ft": "IMI injects the fixed word feature F_t instead of F_i^n (Table II #3, IMI*)",
-    "no_lfr": "no Language Feature Reconstruction loss (Table II #2)",
-    "vlt_mask_decoder": "VLT mask decoder: maps from F_dec alone, F_enc not used (Table III)",
+    "generic_attention": "M3Att + cross-attention replaced by a generic cross-attention from the "
+    "words to F_enc (LAV only, VLT's decoder layer)",
+    "independent_matrices": "M3Att computes a second A_mut (two extra key projections) for VAL; "
+    "the first stays for LAV",
+    "no_imi": "no Iterative Multi-Modal Interaction blocks between the M3Dec layers",
+    "imi_fixed_ft": "IMI blocks inject the fixed word feature F_t instead of the transformed "
+    "F_i^n (IMI*)",
+    "no_lfr": "no Language Feature Reconstruction loss",
+    "vlt_mask_decoder": "mask decoder maps from F_dec alone (Linear to HW per word, VLT's); F_enc "
+    "not used",
+    "concat_mask_decoder": "mask decoder input = F_enc concatenated with the word-summed F_dec "
+    "tiled over the pixels, instead of F_dec as 1x1 kernels",
+}
+
+# The paper's ablation tables, all on RefCOCO val. "IoU" is VLT's evaluation metric, the mean of
+# the per-sample IoUs (mIoU here); Pr@0.5 / Pr@0.9 are Prec@0.5 / Prec@0.9.
+_GENERIC = "generic_attention"
+TABLES: dict[str, dict[str, dict]] = {
+    "TABLE I": {  # number of M3Dec layers x attention setting, RefCOCO val
+        "1-shared 1 layer, shared A_mut": {
+            "set": {"num_dec_layers": 1}, "paper": {"mIoU": 60.57, "Prec@0.5": 72.47}},
+        "1-independent 1 layer, independent A_mut": {
+            "ablate": ("independent_matrices",), "set": {"num_dec_layers": 1},
+            "paper": {"mIoU": 62.36, "Prec@0.5": 74.00}},
+        "1-generic 1 layer, generic attention (LAV only)": {
+            "ablate": (_GENERIC,), "set": {"num_dec_layers": 1},
+            "paper": {"mIoU": 55.42, "Prec@0.5": 70.02}},
+        "2-shared 2 layers, shared A_mut": {
+            "set": {"num_dec_layers": 2}, "paper": {"mIoU": 66.30, "Prec@0.5": 78.01}},
+        "2-independent 2 layers, independent A_mut": {
+            "ablate": ("independent_matrices",), "set": {"num_dec_layers": 2},
+            "paper": {"mIoU": 66.32, "Prec@0.5": 78.55}},
+        "2-generic 2 layers, generic attention (LAV only)": {
+            "ablate": (_GENERIC,), "set": {"num_dec_layers": 2},
+            "paper": {"mIoU": 64.12, "Prec@0.5": 75.33}},
+        "3-shared 3 layers, shared A_mut (the default model)": {
+            "set": {"num_dec_layers": 3}, "paper": {"mIoU": 67.88, "Prec@0.5": 79.01},
+            "baseline": True},
+        "3-independent 3 layers, independent A_mut": {
+            "ablate": ("independent_matrices",), "set": {"num_dec_layers": 3},
+            "paper": {"mIoU": 67.80, "Prec@0.5": 78.94}},
+        "3-generic 3 layers, generic attention (LAV only)": {
+            "ablate": (_GENERIC,), "set": {"num_dec_layers": 3},
+            "paper": {"mIoU": 64.40, "Prec@0.5": 75.81}},
+        "4-shared 4 layers, shared A_mut": {
+            "set": {"num_dec_layers": 4}, "paper": {"mIoU": 67.82, "Prec@0.5": 78.95}},
+        "4-independent 4 layers, independent A_mut": {
+            "ablate": ("independent_matrices",), "set": {"num_dec_layers": 4},
+            "paper": {"mIoU": 67.76, "Prec@0.5": 78.99}},
+        "4-generic 4 layers, generic attention (LAV only)": {
+            "ablate": (_GENERIC,), "set": {"num_dec_layers": 4},
+            "paper": {"mIoU": 64.42, "Prec@0.5": 75.79}},
+    },
+    "TABLE II": {  # components, RefCOCO val; 3 layers
+        "#0 Baseline (Generic LAV): no IMI, no LFR": {
+            "ablate": (_GENERIC, "no_imi", "no_lfr"), "paper": {"mIoU": 62.04, "Prec@0.5": 73.52},
+            "baseline": True},
+        "#1 Baseline (M3Att): no IMI, no LFR": {
+            "ablate": ("no_imi", "no_lfr"), "paper": {"mIoU": 65.56, "Prec@0.5": 76.66}},
+        "#2 Baseline + IMI": {"ablate": ("no_lfr",), "paper": {"mIoU": 66.70, "Prec@0.5": 77.62}},
+        "#3 Baseline + IMI* (fixed F_t injected)": {
+            "ablate": ("imi_fixed_ft", "no_lfr"), "paper": {"mIoU": 65.92, "Prec@0.5": 76.80}},
+        "#4 Ours (M3Att + IMI + LFR)": {"ablate": (), "paper": {"mIoU": 67.88, "Prec@0.5": 79.01}},
+    },
+    "TABLE III": {  # mask decoder, RefCOCO val
+        "VLT mask decoder from F_dec only": {
+            "ablate": ("vlt_mask_decoder",),
+            "paper": {"mIoU": 66.05, "Prec@0.5": 78.64, "Prec@0.9": 13.81}},
+        "Concate F_dec summed, concatenated with F_enc": {
+            "ablate": ("concat_mask_decoder",),
+            "paper": {"mIoU": 66.58, "Prec@0.5": 78.90, "Prec@0.9": 15.55}},
+        "Ours F_dec as 1x1 kernels on F_enc": {
+            "ablate": (), "paper": {"mIoU": 67.88, "Prec@0.5": 79.01, "Prec@0.9": 17.70},
+            "baseline": True},
+    },
+    "§IV-B": {  # the text's VAL-only experiment, no table and no number
+        "VAL-only vision as query, language as key/value": {
+            "skip": "the decoder's query stream would be the HW pixels instead of the N_t words, "
+            "so F_dec (the mask decoder's kernels, Fig. 6) and IMI/LFR's word rows do not exist; "
+            "a different architecture, and the paper reports no number",
+            "paper": {}, "note": "the paper: 'fails to converge'"},
+    },
+}  # fmt: skip
+
+RECIPE = {
+    "optimizer": "adam",  # §IV-A "using the Adam [60] optimizer"
+    "lr": 0.005,  # §IV-A "The learning rate is set to 0.005"
+    "encoder_lr_factor": 1.0,  # paper silent; VLT trains its backbone at the same lr (free_body 1)
+    "weight_decay": 0.0,  # paper silent; VLT's Keras Adam has none
+    "schedule": "step",  # §IV-A "with a step decay schedule"
+    # Milestones and factor: paper silent; VLT's config/base.yaml (steps [40, 45, 50], lr / 10 per
+    # step, epochs counted from 1), i.e. after 39, 44 and 49 finished epochs.
+    "milestones": (39, 44, 49),
+    "gamma": 0.1,  # VLT callbacks/learning_scheduler.py: lr_start / 10**k
+    "warmup": 0,  # paper silent; VLT has none
+    "epochs": 50,  # §IV-A "trained for 50 epochs"
+    "batch_size": 48,  # §IV-A "batch size set to 48" (4 V100)
+    "grad_clip": 0.0,  # paper silent; VLT does not clip
+    "frozen": (),  # paper silent
 }
 
 # Swin-B, window 12, pre-trained at 384 px: the architecture of the paper() checkpoint, written out
@@ -140,6 +261,8 @@ class Config:
     text_config: dict = field(default_factory=dict)  # BertConfig() defaults = bert-base
     ablate: tuple[str, ...] = ()
     # --- M3Dec ---
+    enc_stage: int = 3  # Swin stage whose stride F_enc has: 3 = stride 16 (VLT's 1/16 map)
+    out_stride: int = 2  # stride of the mask logits, VLT's seg_out_stride
     hidden_dim: int = 256  # C, §IV-A: 256 for the transformers
     mask_dim: int = 512  # §IV-A: 512 in the mask decoder
     num_heads: int = 8  # §IV-A: 8 heads in all transformer layers
@@ -150,6 +273,10 @@ class Config:
     w_ci_init: float = 1.0  # IMI's learnable scalar w_ci (§III-B), initial value not given
     w_mask: float = 1.0  # Eq. (5), §IV-A
     w_rec: float = 0.1  # Eq. (5), §IV-A
+    # Not in the paper. Foreground share of the training masks: the last mask conv's bias starts at
+    # log(p / (1 - p)). 0.0315 measured on 1000 synthetic shapes; set it to your data's share.
+    mask_prior: float = 0.03
+    lfr_stop_grad: bool = True  # LFR target F_proj detached (W_proj fixed); False = the paper
 
     @classmethod
     def paper(cls) -> Config:
@@ -158,30 +285,37 @@ class Config:
 
     @classmethod
     def tiny(cls) -> Config:
-        """Random-init small encoders for tests and the CPU demo (64 px -> an 8 x 8 F_enc).
+        """The CPU demo: the repository's pretrained tiny Swin + BERT (pretrained/tiny-*), 64 px.
 
-        Swin patch 2 instead of 4: with patch 4, F_enc would be 4 x 4, too coarse for the 8-16 px
-        objects of the synthetic world (mIoU 0.13 after 3000 CPU steps against about 0.3 after
-        600 with patch 2); the paper has 30 x 30 at 480 px."""
+        Loaded exactly as paper() loads the Hub ids; vision_config / text_config repeat the
+        folders' architectures so that pretrained=False builds the same model with random weights.
+        F_enc = Swin stage 2 (8 x 8, stride 8) and two x2 upsamplings -> 32 x 32 logits, the paper's
+        output stride 2 (see "we deviate on purpose")."""
         return cls(
             image_size=64,
-            vocab_size=128,
-            pretrained=False,
+            vocab_size=60,  # the synthetic world's word-level BERT tokenizer; train.py sets it
+            pretrained=True,
+            vision_name="pretrained/tiny-swin",
+            text_name="pretrained/tiny-bert",
             vision_config=dict(
                 image_size=64,
-                patch_size=2,
-                embed_dim=16,
-                depths=[1, 1, 1, 1],
+                patch_size=4,
+                num_channels=3,
+                embed_dim=32,
+                depths=[2, 2, 2, 2],  # two blocks per stage: the second one's windows are shifted
                 num_heads=[1, 2, 4, 8],
-                window_size=2,
+                window_size=4,
+                mlp_ratio=4.0,
+                drop_path_rate=0.0,
             ),
             text_config=dict(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
+                hidden_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=256,
                 max_position_embeddings=32,
             ),
+            enc_stage=2,
             hidden_dim=32,
             mask_dim=32,
             num_heads=4,
@@ -231,8 +365,20 @@ def sine_embedding_2d(h: int, w: int, C: int) -> torch.Tensor:
     return torch.cat([e_y, e_x], dim=-1).reshape(h * w, C)  # (h*w, C)
 
 
+def bn_tokens(bn: nn.BatchNorm1d, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """BatchNorm over the real tokens only: x (B, N, C), keep (B, N) bool -> (B, N, C).
+
+    A plain BatchNorm1d on (B, C, N) would take its batch statistics from every row, padding
+    included (2/3 of the rows on the demo). The real rows (n_real, C) are normalised as one batch;
+    padded rows are 0."""
+    y = bn(x[keep])  # (n_real, C)
+    out = y.new_zeros(*x.shape[:2], y.shape[-1])  # (B, N, C), in the dtype BN returns
+    out[keep] = y
+    return out
+
+
 class LinearBNReLU(nn.Module):
-    """Linear -> BatchNorm -> ReLU on a sequence (B, N, C_in) -> (B, N, C_out).
+    """Linear -> BatchNorm (real tokens) -> ReLU on a sequence (B, N, C_in) -> (B, N, C_out).
 
     §IV-A: "All linear layers and convolutions layers are followed by a Batch Normalization and
     ReLU function unless otherwise noticed."
@@ -243,10 +389,8 @@ class LinearBNReLU(nn.Module):
         self.linear = nn.Linear(c_in, c_out, bias=False)  # a bias is redundant before BN
         self.bn = nn.BatchNorm1d(c_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)  # (B, N, C_out)
-        # BatchNorm1d normalises dim 1, so move channels there and back.
-        return F.relu(self.bn(x.transpose(1, 2)).transpose(1, 2))  # (B, N, C_out)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return F.relu(bn_tokens(self.bn, self.linear(x), keep))  # (B, N, C_out)
 
 
 def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
@@ -256,56 +400,8 @@ def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks, smallest first
-
-
-class VisualEncoder(nn.Module):
-    """Swin pyramid -> stride-16 map F_vis -> N_enc transformer encoder layers -> F_enc (Fig. 2)."""
-
-    out_features = ["stage2", "stage3", "stage4"]  # strides 8, 16, 32
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        if cfg.pretrained:
-            self.backbone = from_pretrained(
-                SwinBackbone, cfg.vision_name, out_features=self.out_features
-            )
-        else:
-            swin_cfg = SwinConfig(**{**cfg.vision_config, "out_features": self.out_features})
-            self.backbone = SwinBackbone(swin_cfg)
-        # Frozen on purpose: SwinBackbone wraps a SwinModel whose final LayerNorm only touches
-        # last_hidden_state, which the backbone does not return (it has its own per-stage norms).
-        self.backbone.swin.layernorm.requires_grad_(False)
-        C = cfg.hidden_dim
-        # VLT-style neck: every level to C channels, then one fusion conv at stride 16.
-        self.lateral = nn.ModuleList(conv_bn_relu(c, C, 1) for c in self.backbone.channels)
-        self.fuse = conv_bn_relu(3 * C, C, 1)
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                C, cfg.num_heads, cfg.ffn_dim, cfg.dropout, batch_first=True
-            )  # post-norm, ReLU FFN as in [5]
-            for _ in range(cfg.num_enc_layers)
-        )
-
-    @property
-    def stride(self) -> int:
-        """Stride of F_enc: the patch size times 4 (stage 3 of Swin = 1/16 for patch 4)."""
-        return self.backbone.config.patch_size * 4
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """images (B, 3, S, S) -> F_enc (B, HW, C) and the map size (H, W)."""
-        f8, f16, f32 = self.backbone(pixel_values=images).feature_maps  # strides 8, 16, 32
-        size = f16.shape[-2:]
-        f8 = F.adaptive_avg_pool2d(self.lateral[0](f8), size)  # (B, C, H, W), pooled x2
-        f16 = self.lateral[1](f16)  # (B, C, H, W)
-        f32 = F.interpolate(self.lateral[2](f32), size=size, mode="bilinear", align_corners=False)
-        F_vis = self.fuse(torch.cat([f8, f16, f32], dim=1))  # (B, 3C, H, W) -> (B, C, H, W)
-        B, C, H, W = F_vis.shape
-        x = F_vis.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
-        x = x + sine_embedding_2d(H, W, C).to(x)  # positional encoding, once at the input
-        for layer in self.layers:
-            x = layer(x)  # (B, HW, C)
-        return x, (H, W)
+# The paper's parts, in its order: M3Att and the M3Dec layer (§III-A), IMI (§III-B), LFR (§III-C),
+# the mask decoder (§III-D)
 
 
 class MutualAttention(nn.Module):
@@ -358,7 +454,7 @@ class MutualAttention(nn.Module):
         F_L_a = attn_L @ self.value_L(F_q)  # (B, HW, N_t) @ (B, N_t, C) -> (B, HW, C)
         # Fusion: each LAV vector is a dynamic kernel applied to VAL, F_mul = F_V^a (F_L^a)^T
         F_mul = F_V_a @ F_L_a.transpose(1, 2)  # (B, N_t, C) @ (B, C, HW) -> (B, N_t, HW)
-        return self.proj(F_mul), attn_V, attn_L  # (B, N_t, HW) -> (B, N_t, C)
+        return self.proj(F_mul, ~pad), attn_V, attn_L  # (B, N_t, HW) -> (B, N_t, C)
 
 
 class M3DecLayer(nn.Module):
@@ -385,24 +481,24 @@ class M3DecLayer(nn.Module):
 
     def forward(
         self, query: torch.Tensor, F_enc: torch.Tensor, pad: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """query (B, N_t, C), F_enc (B, HW, C), pad (B, N_t) -> output (B, N_t, C), the word->pixel
-        attention (B, N_t, HW) and a per-word attention score (B, N_t) for the visualisation."""
+        attention attn_V (B, N_t, HW) and the pixel->word attention attn_L (B, HW, N_t) (None for
+        generic attention, which has no VAL)."""
         sa = self.self_attn(query, query, query, key_padding_mask=pad, need_weights=False)[0]
         F_q = self.norm1(query + self.drop(sa))  # (B, N_t, C)
         if self.generic:
             # VLT-style layer: words query the vision feature; the output is LAV only.
             out, attn_V = self.cross_attn(F_q, F_enc, F_enc)  # (B, N_t, C), (B, N_t, HW)
-            word_scores = attn_V.amax(dim=-1)  # peak of each word's map, (B, N_t)
+            attn_L = None
         else:
             F_m, attn_V, attn_L = self.m3att(F_q, F_enc, pad)  # (B, N_t, C)
             # "we use the multi-modal feature as value input, so that the output can keep its
             # property as a multi-modal feature"
             out = self.cross_attn(F_q, F_m, F_m, key_padding_mask=pad, need_weights=False)[0]
-            word_scores = attn_L.sum(dim=1)  # VAL attention each word receives, (B, N_t)
         x = self.norm2(F_q + self.drop(out))  # (B, N_t, C)
         x = self.norm3(x + self.drop(self.ffn(x)))  # (B, N_t, C)
-        return x, attn_V, word_scores
+        return x, attn_V, attn_L
 
 
 class IterativeInteraction(nn.Module):
@@ -432,79 +528,158 @@ class IterativeInteraction(nn.Module):
         if self.fixed_language:
             F_l = F_i = F_l_prev  # IMI*: every layer receives the same F_t
         else:
-            F_l = self.lang_transform(F_l_prev)  # (B, N_t, C)
+            F_l = self.lang_transform(F_l_prev, ~pad)  # (B, N_t, C)
             # Eq. (3): A_l^n = softmax(ReLU[F_dec^n W_a^n] (F_l^n)^T), over the words of F_l^n
             logits = F.relu(self.W_a(F_dec)) @ F_l.transpose(1, 2) * self.scale  # (B, N_t, N_t)
             A_l = logits.masked_fill(pad[:, None, :], float("-inf")).softmax(dim=-1)
             F_i = A_l @ F.relu(self.W_l(F_l))  # F_i^n = A_l^n F_l'^n, (B, N_t, C)
-        # F_dec'^n = BN(F_dec^n + w_ci^n F_i^n)
-        F_dec = F_dec + self.w_ci * F_i  # (B, N_t, C)
-        return self.bn(F_dec.transpose(1, 2)).transpose(1, 2), F_l
+        # F_dec'^n = BN(F_dec^n + w_ci^n F_i^n), statistics over the real words
+        return bn_tokens(self.bn, F_dec + self.w_ci * F_i, ~pad), F_l  # (B, N_t, C) x 2
 
 
 class LanguageReconstruction(nn.Module):
-    """Language Feature Reconstruction, LFR (§III-C, Eq. 4, Fig. 5); training only.
+    """Language Feature Reconstruction, LFR (§III-C, Eq. 4, Fig. 5); its loss is training-only.
 
     Target: F_proj = 1/(N_t+1) sum ReLU([(F_t + e) (c) F_t'] W_proj), over the N_t attended tokens
     and the sentence feature. Reconstruction: F_rec = AvgPool(three linear layers on F_dec).
-    Loss: MSE(F_rec, F_proj).
+    Loss: MSE(F_rec, F_proj). With stop_grad the target is a constant for the optimiser (nothing
+    can shrink it towards a constant that is easy to predict, see the docstring of the file), and
+    W_proj, which then gets no gradient, is frozen on purpose.
     """
 
-    def __init__(self, C: int, max_tokens: int):
+    def __init__(self, C: int, max_tokens: int, stop_grad: bool = True):
         super().__init__()
+        self.stop_grad = stop_grad
         self.W_proj = nn.Linear(C, C)  # W_proj in R^{C x C}
-        self.reconstruct = nn.Sequential(*(LinearBNReLU(C, C) for _ in range(3)))
+        self.W_proj.requires_grad_(not stop_grad)
+        self.reconstruct = nn.ModuleList(LinearBNReLU(C, C) for _ in range(3))
         self.register_buffer("e", sine_embedding_1d(max_tokens, C), persistent=False)
 
     def forward(
         self, F_t: torch.Tensor, F_t_sent: torch.Tensor, F_dec: torch.Tensor, keep: torch.Tensor
-    ) -> torch.Tensor:
-        """F_t (B, N_t, C), F_t_sent (B, C), F_dec (B, N_t, C), keep (B, N_t) float 1 on tokens."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """F_t (B, N_t, C), F_t_sent (B, C), F_dec (B, N_t, C), keep (B, N_t) bool on tokens ->
+        (F_proj (B, C), F_rec (B, C)); the loss is MSE(F_rec, F_proj)."""
         X = torch.cat([F_t + self.e, F_t_sent[:, None]], dim=1)  # (F_t + e) (c) F_t', (B, N_t+1, C)
-        keep_X = torch.cat([keep, keep.new_ones(keep.shape[0], 1)], dim=1)  # (B, N_t+1)
+        keep_X = torch.cat([keep, keep.new_ones(keep.shape[0], 1)], dim=1).to(X)  # (B, N_t+1)
         # Eq. (4): sum over the sequence, divided by N_t + 1
         F_proj = (F.relu(self.W_proj(X)) * keep_X[..., None]).sum(1) / keep_X.sum(1, True)  # (B, C)
-        rec = self.reconstruct(F_dec)  # (B, N_t, C)
-        F_rec = (rec * keep[..., None]).sum(1) / keep.sum(1, True)  # average pooling, (B, C)
-        return F.mse_loss(F_rec, F_proj)
+        if self.stop_grad:
+            F_proj = F_proj.detach()
+        rec = F_dec
+        for layer in self.reconstruct:  # "three stacked linear layers"
+            rec = layer(rec, keep)  # (B, N_t, C)
+        w = keep.to(rec)[..., None]  # (B, N_t, 1)
+        F_rec = (rec * w).sum(1) / w.sum(1)  # average pooling over the tokens, (B, C)
+        return F_proj, F_rec
 
 
 class MaskDecoder(nn.Module):
     """Mask decoder (§III-D, Fig. 6): self-attention over F_dec, then F_dec's N_t rows act as the
     kernels of a 1x1 convolution over F_enc (N_t maps), then four convolutions with x2 upsampling
-    between them (stride 16 -> 2). `vlt_mask_decoder`: the maps come from F_dec alone (Table III).
+    between them (down to out_stride). `vlt_mask_decoder`: the maps come from F_dec alone;
+    `concat_mask_decoder`: F_enc concatenated with the summed F_dec (both TABLE III).
     """
 
-    def __init__(self, cfg: Config, HW: int):
+    def __init__(self, cfg: Config, HW: int, enc_stride: int):
         super().__init__()
         C, D, N_t = cfg.hidden_dim, cfg.mask_dim, cfg.max_tokens
         self.vlt_style = "vlt_mask_decoder" in cfg.ablate
+        self.concat = "concat_mask_decoder" in cfg.ablate
         self.self_attn = nn.MultiheadAttention(C, cfg.num_heads, cfg.dropout, batch_first=True)
         self.norm = nn.LayerNorm(C)
         if self.vlt_style:
             self.to_maps = nn.Linear(C, HW)  # VLT: Dense(spatial_size, relu) per query
+        num_up = int(math.log2(enc_stride // cfg.out_stride))  # 3 on paper(), 2 on tiny()
+        convs = [conv_bn_relu(2 * C if self.concat else N_t, D, 3)]
+        convs += [conv_bn_relu(D, D, 3) for _ in range(2)]
+        convs += [nn.Conv2d(D, 1, 3, padding=1)]  # mask logits: no BN / ReLU on the last one
         up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        self.convs = nn.Sequential(
-            conv_bn_relu(N_t, D, 3), up,
-            conv_bn_relu(D, D, 3), up,
-            conv_bn_relu(D, D, 3), up,
-            nn.Conv2d(D, 1, 3, padding=1),  # mask logits: no BN / ReLU on the last one
-        )  # fmt: skip
+        layers = []
+        for i, conv in enumerate(convs):  # "upsampling layers are inserted between" the convs
+            layers += [conv, up] if i < num_up else [conv]
+        self.convs = nn.Sequential(*layers)
+        # Calibrated start: sigmoid(bias) = the foreground prior (docstring of the file).
+        nn.init.constant_(convs[-1].bias, math.log(cfg.mask_prior / (1 - cfg.mask_prior)))
 
     def forward(
         self, F_dec: torch.Tensor, F_enc: torch.Tensor, pad: torch.Tensor, size: tuple[int, int]
     ) -> torch.Tensor:
-        """F_dec (B, N_t, C), F_enc (B, HW, C), pad (B, N_t), size = (H, W) -> (B, 1, 8H, 8W)."""
+        """F_dec (B, N_t, C), F_enc (B, HW, C), pad (B, N_t), size = (H, W) -> (B, 1, h, w) at
+        out_stride."""
         B, N_t, C = F_dec.shape
         sa = self.self_attn(F_dec, F_dec, F_dec, key_padding_mask=pad, need_weights=False)[0]
         kernels = self.norm(F_dec + sa)  # (B, N_t, C)
+        if self.concat:
+            sent = kernels.masked_fill(pad[..., None], 0.0).sum(1)  # "sum", (B, C)
+            x = torch.cat([F_enc, sent[:, None].expand_as(F_enc)], dim=-1)  # (B, HW, 2C)
+            return self.convs(x.transpose(1, 2).reshape(B, 2 * C, *size))  # (B, 1, h, w)
         if self.vlt_style:
             maps = F.relu(self.to_maps(kernels))  # (B, N_t, HW)
         else:
             # 1x1 convolution whose N_t kernels are the decoder features: sum_c K[n,c] F_enc[p,c]
             maps = kernels @ F_enc.transpose(1, 2)  # (B, N_t, C) @ (B, C, HW) -> (B, N_t, HW)
         maps = maps.masked_fill(pad[..., None], 0.0).view(B, N_t, *size)  # (B, N_t, H, W)
-        return self.convs(maps)  # (B, 1, 8H, 8W)
+        return self.convs(maps)  # (B, 1, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing the paper's parts sit on: the visual neck + transformer encoder (Fig. 2, left)
+
+
+class VisualEncoder(nn.Module):
+    """Swin pyramid -> one map F_vis at the stride of stage `enc_stage` -> N_enc transformer
+    encoder layers -> F_enc (Fig. 2)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        k = cfg.enc_stage
+        if not 2 <= k <= 3:
+            raise ValueError(f"m3dec: enc_stage must be 2 or 3 (a finer and a coarser neighbour), "
+                             f"got {k}")  # fmt: skip
+        self.out_features = [f"stage{k - 1}", f"stage{k}", f"stage{k + 1}"]
+        if cfg.pretrained:
+            self.backbone = from_pretrained(
+                SwinBackbone, cfg.vision_name, out_features=self.out_features
+            )
+        else:
+            swin_cfg = SwinConfig(**{**cfg.vision_config, "out_features": self.out_features})
+            self.backbone = SwinBackbone(swin_cfg)
+        # Frozen on purpose: SwinBackbone wraps a SwinModel whose final LayerNorm only touches
+        # last_hidden_state, which the backbone does not return (it has its own per-stage norms).
+        self.backbone.swin.layernorm.requires_grad_(False)
+        # Likewise the Swin stages past the coarsest tap (tiny: stage 4 and the patch merging
+        # into it) run inside SwinBackbone but feed nothing.
+        stages = self.backbone.swin.encoder.layers  # stage i is stages[i - 1]
+        if stages[k].downsample is not None:
+            stages[k].downsample.requires_grad_(False)
+        stages[k + 1 :].requires_grad_(False)
+        self.stride = self.backbone.config.patch_size * 2 ** (k - 1)  # 16 on paper(), 8 on tiny()
+        C = cfg.hidden_dim
+        # VLT-style neck: every level to C channels, then one fusion conv at the middle stride.
+        self.lateral = nn.ModuleList(conv_bn_relu(c, C, 1) for c in self.backbone.channels)
+        self.fuse = conv_bn_relu(3 * C, C, 1)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                C, cfg.num_heads, cfg.ffn_dim, cfg.dropout, batch_first=True
+            )  # post-norm, ReLU FFN as in [5]
+            for _ in range(cfg.num_enc_layers)
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """images (B, 3, S, S) -> F_enc (B, HW, C) and the map size (H, W)."""
+        fine, mid, coarse = self.backbone(pixel_values=images).feature_maps  # strides s/2, s, 2s
+        size = mid.shape[-2:]
+        fine = F.adaptive_avg_pool2d(self.lateral[0](fine), size)  # (B, C, H, W), pooled x2
+        mid = self.lateral[1](mid)  # (B, C, H, W)
+        coarse = F.interpolate(self.lateral[2](coarse), size, mode="bilinear", align_corners=False)
+        F_vis = self.fuse(torch.cat([fine, mid, coarse], dim=1))  # (B, 3C, H, W) -> (B, C, H, W)
+        B, C, H, W = F_vis.shape
+        x = F_vis.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        x = x + sine_embedding_2d(H, W, C).to(x)  # positional encoding, once at the input
+        for layer in self.layers:
+            x = layer(x)  # (B, HW, C)
+        return x, (H, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,6 +700,8 @@ class M3Dec(nn.Module):
                 f"m3dec: image_size must be a multiple of {2 * stride} (twice the stride of "
                 f"F_enc), got {cfg.image_size}"
             )
+        if stride % cfg.out_stride or stride < cfg.out_stride:
+            raise ValueError(f"m3dec: out_stride {cfg.out_stride} must divide F_enc's {stride}")
         self.feat_size = cfg.image_size // stride  # F_enc is feat_size x feat_size
         HW = self.feat_size**2
         if cfg.pretrained:
@@ -539,8 +716,10 @@ class M3Dec(nn.Module):
         self.imi = nn.ModuleList(
             IterativeInteraction(C, cfg.w_ci_init, fixed) for _ in range(n_imi)
         )
-        self.lfr = None if "no_lfr" in cfg.ablate else LanguageReconstruction(C, cfg.max_tokens)
-        self.mask_decoder = MaskDecoder(cfg, HW)
+        self.lfr = None
+        if "no_lfr" not in cfg.ablate:
+            self.lfr = LanguageReconstruction(C, cfg.max_tokens, cfg.lfr_stop_grad)
+        self.mask_decoder = MaskDecoder(cfg, HW, stride)
 
     def _check_inputs(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -571,52 +750,41 @@ class M3Dec(nn.Module):
         targets: dict | None = None,
     ) -> dict:
         """images (B, 3, S, S), input_ids / attention_mask (B, L) -> {"mask_logits" (B, 1, S/2,
-        S/2), "mutual_attention" (B, H, W), "attended_token_ids" (B,), + "loss", "losses"}."""
+        S/2), "attn_V" (B, N_t, HW) and "attn_L" (B, HW, N_t) of the last layer, "input_ids" and
+        "attention_mask" padded to N_t, + "loss", "losses", "F_proj", "F_rec" with targets}."""
         input_ids, attention_mask = self._check_inputs(images, input_ids, attention_mask)
         pad = attention_mask == 0  # (B, N_t), True on padding
         F_enc, size = self.visual_encoder(images)  # (B, HW, C)
         words = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
-        F_t = self.text_proj(words.last_hidden_state)  # (B, N_t, D_bert) -> (B, N_t, C)
+        F_t = self.text_proj(words.last_hidden_state, ~pad)  # (B, N_t, D_bert) -> (B, N_t, C)
         F_t_sent = F_t[:, 0]  # [CLS] as the sentence feature F_t', (B, C)
 
         # M3Dec (§III-A) with IMI (§III-B) between successive layers.
         F_dec, F_l = F_t, F_t  # the first query is F_t; F_l^0 = F_t
         for n, layer in enumerate(self.decoder_layers):
-            F_dec, attn_V, word_scores = layer(F_dec, F_enc, pad)  # (B, N_t, C)
+            F_dec, attn_V, attn_L = layer(F_dec, F_enc, pad)  # (B, N_t, C)
             if n < len(self.imi):
                 F_dec, F_l = self.imi[n](F_dec, F_l, pad)
-        logits = self.mask_decoder(F_dec, F_enc, pad, size)  # (B, 1, 8H, 8W)
+        logits = self.mask_decoder(F_dec, F_enc, pad, size)  # (B, 1, h, w)
 
-        out = {"mask_logits": logits}
-        out.update(self._most_attended_word(attn_V, word_scores, input_ids, attention_mask, size))
+        # Values for diagnostics() and sample_extra(): the last layer's two attention maps.
+        out = {"mask_logits": logits, "attn_V": attn_V.detach(), "input_ids": input_ids,
+               "attention_mask": attention_mask}  # fmt: skip
+        if attn_L is not None:
+            out["attn_L"] = attn_L.detach()
         if targets is not None:
             losses = {"mask": bce_loss(logits, targets["masks"])}
             loss = self.cfg.w_mask * losses["mask"]
-            # LFR is a training-only branch: "computationally free during inference" (§III-D)
-            if self.lfr is not None and self.training:
-                losses["lfr"] = self.lfr(F_t, F_t_sent, F_dec, attention_mask.to(F_t.dtype))
-                loss = loss + self.cfg.w_rec * losses["lfr"]  # Eq. (5)
+            if self.lfr is not None:
+                F_proj, F_rec = self.lfr(F_t, F_t_sent, F_dec, ~pad)
+                out["F_proj"], out["F_rec"] = F_proj.detach(), F_rec.detach()
+                # LFR is a training-only loss: "computationally free during inference" (§III-D);
+                # in eval (with targets) F_proj / F_rec only feed diagnostics().
+                if self.training:
+                    losses["lfr"] = F.mse_loss(F_rec, F_proj)
+                    loss = loss + self.cfg.w_rec * losses["lfr"]  # Eq. (5)
             out["loss"], out["losses"] = loss, losses
         return out
-
-    @staticmethod
-    def _most_attended_word(
-        attn_V: torch.Tensor,
-        word_scores: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        size: tuple[int, int],
-    ) -> dict:
-        """Last layer's word->pixel map (B, H, W) of the highest-scoring real word and its id."""
-        B = input_ids.shape[0]
-        rows = torch.arange(B, device=input_ids.device)
-        real = attention_mask.bool().clone()  # (B, N_t)
-        real[:, 0] = False  # [CLS]
-        real[rows, attention_mask.sum(1) - 1] = False  # [SEP] = last attended token
-        real = torch.where(real.any(1, keepdim=True), real, attention_mask.bool())  # empty text
-        idx = word_scores.detach().masked_fill(~real, float("-inf")).argmax(dim=1)  # (B,)
-        amap = attn_V.detach()[rows, idx].reshape(B, *size)  # (B, H, W)
-        return {"mutual_attention": amap, "attended_token_ids": input_ids[rows, idx]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,27 +797,97 @@ def build_model(cfg: Config) -> nn.Module:
         raise ValueError(
             f"unknown ablation '{unknown[0]}' for m3dec; choose from {', '.join(ABLATIONS)}"
         )
-    if {"no_imi", "imi_fixed_ft"} <= set(cfg.ablate):
-        raise ValueError("m3dec: 'no_imi' and 'imi_fixed_ft' exclude each other")
-    if {"generic_attention", "independent_matrices"} <= set(cfg.ablate):
-        raise ValueError("m3dec: 'independent_matrices' needs M3Att; drop 'generic_attention'")
+    exclusive = [
+        ({"no_imi", "imi_fixed_ft"}, "'no_imi' and 'imi_fixed_ft' exclude each other"),
+        ({"generic_attention", "independent_matrices"}, "'independent_matrices' needs M3Att"),
+        ({"vlt_mask_decoder", "concat_mask_decoder"}, "choose one mask decoder variant"),
+    ]
+    for pair, msg in exclusive:
+        if pair <= set(cfg.ablate):
+            raise ValueError(f"m3dec: {msg}")
     if cfg.num_dec_layers < 1:
         raise ValueError(f"m3dec: num_dec_layers must be >= 1, got {cfg.num_dec_layers}")
+    if not 0 < cfg.mask_prior < 1:
+        raise ValueError(f"m3dec: mask_prior must be in (0, 1), got {cfg.mask_prior}")
     return M3Dec(cfg)
 
 
-def sample_extra(outputs: dict, i: int, tokenizer) -> tuple[np.ndarray | None, str]:
-    """For samples.png: the last M3Dec layer's attention over pixels (Eq. 2a) of the word that
-    receives the most attention, captioned with that word."""
-    if "mutual_attention" not in outputs:
-        return None, ""
-    amap = outputs["mutual_attention"][i].float().cpu().numpy()
-    token = tokenizer.convert_ids_to_tokens([int(outputs["attended_token_ids"][i])])[0]
-    return amap, f"LAV attention (Eq. 2a) of the most attended word '{token}'"
+def word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N_t) True on the words of the expression: attended tokens without [CLS] (first) and
+    [SEP] (last attended); an empty expression keeps its special tokens."""
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    real = attention_mask.bool().clone()
+    real[:, 0] = False  # [CLS]
+    real[rows, attention_mask.sum(1) - 1] = False  # [SEP] = last attended token
+    return torch.where(real.any(1, keepdim=True), real, attention_mask.bool())
 
 
-if __name__ == "__main__":  # shape smoke run on the tiny preset
-    cfg = Config.tiny()
+def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
+    """The paper's mechanism on one eval batch (train.py averages over the val split).
+
+    LFR (Eq. 4): lfr_R2 = 1 - sum |F_rec - F_proj|^2 / sum |F_proj - mean F_proj|^2 over the
+    batch, i.e. the reconstruction against predicting the batch mean of F_proj (R^2 <= 0: LFR
+    teaches nothing about the sentence); lfr_proj_spread = std of F_proj across the batch's
+    sentences (mean over channels), lfr_proj_norm = mean |F_proj|: a collapsing target shows as
+    spread -> 0.
+    Mutual attention (Eq. 2a, last layer): for expressions with a target, att_on_target = share of
+    the words' pixel attention that falls on the referred object (mean over the words), against
+    target_area = the object's share of the F_enc cells (what a uniform map would give);
+    att_on_target_best = the same for the word that attends the object most.
+    """
+    result = {}
+    if "F_proj" in outputs and outputs["F_proj"].shape[0] > 1:
+        F_proj, F_rec = outputs["F_proj"].float(), outputs["F_rec"].float()
+        centred = F_proj - F_proj.mean(0, keepdim=True)  # (B, C)
+        sst = centred.pow(2).sum()
+        result["lfr_R2"] = (1 - (F_rec - F_proj).pow(2).sum() / sst).item() if sst > 0 else 0.0
+        result["lfr_proj_spread"] = centred.pow(2).mean(0).sqrt().mean().item()
+        result["lfr_proj_norm"] = F_proj.norm(dim=1).mean().item()
+    attn_V = outputs["attn_V"].float()  # (B, N_t, HW)
+    B, N_t, HW = attn_V.shape
+    side = math.isqrt(HW)
+    # the object's share of each F_enc cell, (B, HW)
+    cover = F.adaptive_avg_pool2d(batch["mask"].float()[:, None], side).flatten(1)
+    words = word_mask(outputs["input_ids"], outputs["attention_mask"])  # (B, N_t)
+    has = (cover.sum(1) > 0) & ~batch["no_target"].bool()  # expressions with a target
+    if has.any():
+        on = attn_V @ cover[..., None]  # share of each word's attention on the object, (B, N_t, 1)
+        on = on[..., 0].masked_fill(~words, 0.0)
+        mean_on = on.sum(1) / words.sum(1)  # (B,)
+        best_on = on.masked_fill(~words, float("-inf")).amax(1)  # (B,)
+        result["att_on_target"] = mean_on[has].mean().item()
+        result["att_on_target_best"] = best_on[has].mean().item()
+        result["target_area"] = cover.mean(1)[has].mean().item()
+    else:
+        result.update(att_on_target=math.nan, att_on_target_best=math.nan, target_area=math.nan)
+    return result
+
+
+def sample_extra(outputs: dict, i: int, tokenizer) -> list:
+    """For samples.png: the last M3Dec layer's LAV map (Eq. 2a, over the pixels) of the word that
+    receives the most VAL attention (Eq. 2b, summed over pixels), and that word's VAL map (the
+    share of each pixel's attention that goes to it). Generic attention: the head-averaged map of
+    the word with the highest peak, no VAL."""
+    if "attn_V" not in outputs:
+        return [(None, "")]
+    words = word_mask(outputs["input_ids"][i : i + 1], outputs["attention_mask"][i : i + 1])[0]
+    attn_V = outputs["attn_V"][i].float()  # (N_t, HW)
+    side = math.isqrt(attn_V.shape[1])
+    if "attn_L" in outputs:
+        score = outputs["attn_L"][i].float().sum(0)  # VAL attention each word receives, (N_t,)
+    else:
+        score = attn_V.amax(1)  # peak of each word's map
+    n = int(score.masked_fill(~words, float("-inf")).argmax())
+    token = tokenizer.convert_ids_to_tokens([int(outputs["input_ids"][i, n])])[0]
+    panels = [(attn_V[n].reshape(side, side).cpu().numpy(), f"LAV (Eq. 2a) of '{token}'")]
+    if "attn_L" in outputs:
+        val = outputs["attn_L"][i, :, n].float().reshape(side, side).cpu().numpy()
+        panels.append((val, f"VAL (Eq. 2b): pixels' weight on '{token}'", (0.0, 1.0)))
+    return panels
+
+
+if __name__ == "__main__":  # shape smoke run on the tiny preset (random encoders, no files)
+    cfg = replace(Config.tiny(), pretrained=False)
     model = build_model(cfg)
     B, S, L = 2, cfg.image_size, cfg.max_tokens
     ids = torch.zeros(B, L, dtype=torch.long)

@@ -1,6 +1,7 @@
 """Tests for m3dec.py: each block against its equation, then the whole model on the tiny preset."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -9,18 +10,23 @@ from transformers import BertConfig, BertModel, SwinBackbone, SwinConfig
 import m3dec
 from m3dec import (
     ABLATIONS,
+    RECIPE,
+    TABLES,
     Config,
     IterativeInteraction,
     LanguageReconstruction,
     MutualAttention,
     build_model,
+    diagnostics,
     sample_extra,
     sine_embedding_1d,
 )
 
 
 def tiny(**changes) -> Config:
-    return dataclasses.replace(Config.tiny(), **changes)
+    """The tiny architecture with random encoders (fast, no files); tests of the loading path
+    use Config.tiny() itself."""
+    return dataclasses.replace(Config.tiny(), **{"pretrained": False, **changes})
 
 
 def make_batch(cfg: Config, B: int = 2, seed: int = 0):
@@ -31,7 +37,7 @@ def make_batch(cfg: Config, B: int = 2, seed: int = 0):
     ids = torch.zeros(B, L, dtype=torch.long)
     masks = torch.zeros(B, S, S)
     for b in range(B):
-        n = 3 + 2 * b  # different lengths, so padding matters
+        n = 3 + 2 * (b % 3)  # different lengths, so padding matters
         ids[b, 0], ids[b, n + 1] = 2, 3
         ids[b, 1 : n + 1] = torch.randint(5, cfg.vocab_size, (n,), generator=g)
         y, x = (8 * b) % (S // 2), (16 * b) % (S // 2)
@@ -40,10 +46,10 @@ def make_batch(cfg: Config, B: int = 2, seed: int = 0):
 
 
 def expected_sizes(cfg: Config) -> tuple[int, int]:
-    """(side of F_enc, side of the mask logits) from the config: stride 16 = patch 4 x 2^2, then
-    the mask decoder's three x2 upsamplings."""
-    feat = cfg.image_size // (cfg.vision_config["patch_size"] * 4)
-    return feat, feat * 8
+    """(side of F_enc, side of the mask logits) from the config: Swin stage k has stride
+    patch * 2^(k-1); the logits are at out_stride."""
+    stride = cfg.vision_config["patch_size"] * 2 ** (cfg.enc_stage - 1)
+    return cfg.image_size // stride, cfg.image_size // cfg.out_stride
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,9 +124,15 @@ def test_shared_vs_independent_matrices():
 # IMI (Eq. 3) and LFR (Eq. 4)
 
 
+def _bn_eval(bn, x):
+    """BatchNorm in eval mode on (B, N, C)."""
+    return bn(x.transpose(1, 2)).transpose(1, 2)
+
+
 def test_imi_injects_with_w_ci():
     torch.manual_seed(0)
-    F_dec, F_l_prev, pad = _m3att_inputs(C=8, HW=5)[0], torch.randn(2, 5, 8), _m3att_inputs()[2]
+    F_dec, F_l_prev = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    pad = torch.zeros(2, 5, dtype=torch.bool)  # no padding: every row is a real word
     imi = IterativeInteraction(C=8).train()
     imi(F_dec, F_l_prev, pad)  # one training pass, so BN has non-trivial running statistics
     imi.eval()
@@ -132,8 +144,9 @@ def test_imi_injects_with_w_ci():
 
     out0, F_l = run(0.0)
     # zero w_ci leaves BN(F_dec)
-    torch.testing.assert_close(out0, imi.bn(F_dec.transpose(1, 2)).transpose(1, 2))
-    torch.testing.assert_close(F_l, imi.lang_transform(F_l_prev))  # F_l^n = Linear(F_l^{n-1})
+    torch.testing.assert_close(out0, _bn_eval(imi.bn, F_dec))
+    F_l_ref = torch.relu(_bn_eval(imi.lang_transform.bn, imi.lang_transform.linear(F_l_prev)))
+    torch.testing.assert_close(F_l, F_l_ref)  # F_l^n = Linear+BN+ReLU(F_l^{n-1})
     # BN(F_dec + w F_i) is affine in w in eval mode: out(1) - out(0) = 2 (out(0.5) - out(0))
     out_half, out_one = run(0.5)[0], run(1.0)[0]
     assert (out_one - out0).abs().max() > 1e-3
@@ -141,39 +154,76 @@ def test_imi_injects_with_w_ci():
     # F_i^n = A_l F_l'^n with A_l from Eq. (3): recover F_i from the injection and compare
     with torch.no_grad():
         logits = torch.relu(imi.W_a(F_dec)) @ F_l.transpose(1, 2) / 8**0.5
-        A_l = logits.masked_fill(pad[:, None], float("-inf")).softmax(-1)
-        F_i = A_l @ torch.relu(imi.W_l(F_l))
-        ref = imi.bn((F_dec + F_i).transpose(1, 2)).transpose(1, 2)
-    torch.testing.assert_close(out_one, ref)
+        F_i = logits.softmax(-1) @ torch.relu(imi.W_l(F_l))
+    torch.testing.assert_close(out_one, _bn_eval(imi.bn, F_dec + F_i))
 
 
 def test_imi_fixed_ft_injects_the_same_language_feature():
-    F_dec, F_t, pad = _m3att_inputs(C=8, HW=5)[0], torch.randn(2, 5, 8), _m3att_inputs()[2]
+    F_dec, F_t, pad = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=bool)
     imi = IterativeInteraction(C=8, fixed_language=True).eval()
     assert not hasattr(imi, "W_a")
     out, F_l = imi(F_dec, F_t, pad)
     assert F_l is F_t  # the next block receives F_t again
-    torch.testing.assert_close(out, imi.bn((F_dec + F_t).transpose(1, 2)).transpose(1, 2))
+    torch.testing.assert_close(out, _bn_eval(imi.bn, F_dec + F_t))
 
 
-def test_lfr_matches_eq_4_and_cosine_embedding():
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_lfr_matches_eq_4_and_stop_gradient(stop_grad):
     e = sine_embedding_1d(6, 8)
     torch.testing.assert_close(e[:, 0], torch.sin(torch.arange(6.0)))
     torch.testing.assert_close(e[:, 1], torch.cos(torch.arange(6.0)))
     torch.manual_seed(0)
-    lfr = LanguageReconstruction(C=8, max_tokens=5).eval()
-    F_t, F_dec, F_s = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 8)
-    keep = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    loss = lfr(F_t, F_s, F_dec, keep)
+    lfr = LanguageReconstruction(C=8, max_tokens=5, stop_grad=stop_grad).eval()
+    F_t = torch.randn(2, 5, 8, requires_grad=True)
+    F_dec, F_s = torch.randn(2, 5, 8), torch.randn(2, 8)
+    keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    F_proj, F_rec = lfr(F_t, F_s, F_dec, keep)
     for b, n in ((0, 5), (1, 3)):  # naive per-sample reference with N_t = n real tokens
         X = torch.cat([F_t[b, :n] + lfr.e[:n], F_s[b : b + 1]])  # (N_t + 1, C)
-        F_proj = torch.relu(lfr.W_proj(X)).sum(0) / (n + 1)
-        F_rec = lfr.reconstruct(F_dec[b : b + 1, :n]).mean(1)[0]
-        if b == 0:
-            ref = ((F_rec - F_proj) ** 2).mean() / 2
-        else:
-            ref = ref + ((F_rec - F_proj) ** 2).mean() / 2
-    torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(F_proj[b], torch.relu(lfr.W_proj(X)).sum(0) / (n + 1))
+        rec = F_dec[b : b + 1, :n]
+        for layer in lfr.reconstruct:  # eval mode: BN with running statistics
+            rec = torch.relu(_bn_eval(layer.bn, layer.linear(rec)))
+        torch.testing.assert_close(F_rec[b], rec.mean(1)[0])
+    # the stop-gradient: no gradient into F_t (nor W_proj, frozen) through the target
+    assert F_proj.requires_grad is not stop_grad
+    assert lfr.W_proj.weight.requires_grad is not stop_grad
+    if not stop_grad:  # the paper's objective: the target itself moves towards F_rec
+        torch.nn.functional.mse_loss(F_rec, F_proj).backward()
+        assert F_t.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics without the padding
+
+
+def test_padding_stays_out_of_batchnorm_statistics():
+    """Train mode: the content of padded tokens changes nothing, and a BN over words has the
+    statistics of the real tokens only."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = build_model(cfg).train()
+    model.text_encoder.eval()  # BERT's dropout off (it has no BatchNorm): a deterministic pass
+    images, ids, am, targets = make_batch(cfg, B=3)
+    with torch.no_grad():
+        ref = model(images, ids, am, targets)
+        noisy = ids.clone()
+        noisy[am == 0] = torch.randint(5, cfg.vocab_size, (int((am == 0).sum()),))
+        seen = {}
+        model.text_proj.bn.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+        out = model(images, noisy, am, targets)
+    torch.testing.assert_close(out["mask_logits"], ref["mask_logits"])
+    torch.testing.assert_close(out["loss"], ref["loss"])
+    assert seen["x"].shape[0] == int(am.sum())  # the text projection's BN saw the real tokens
+    # every BatchNorm1d over words is called on real rows only
+    bns = [m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    rows = []
+    hooks = [bn.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0])) for bn in bns]
+    with torch.no_grad():
+        model(images, ids, am, targets)
+    for h in hooks:
+        h.remove()
+    assert len(rows) == len(bns) and set(rows) == {int(am.sum())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,16 +232,14 @@ def test_lfr_matches_eq_4_and_cosine_embedding():
 
 def test_forward_backward_shapes_and_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
-    cfg = Config.tiny()
+    cfg = tiny()
     model = build_model(cfg).train()
     images, ids, am, targets = make_batch(cfg)
     out = model(images, ids, am, targets)
     feat, mask_side = expected_sizes(cfg)
+    assert (feat, mask_side) == (8, 32)  # tiny: F_enc 8 x 8 (stride 8), logits at stride 2
     assert out["mask_logits"].shape == (2, 1, mask_side, mask_side)
-    assert out["mutual_attention"].shape == (2, feat, feat)
-    torch.testing.assert_close(out["mutual_attention"].sum((1, 2)), torch.ones(2))
-    for b in range(2):  # the visualised word is a real word, never [CLS]/[SEP]/[PAD]
-        assert out["attended_token_ids"][b].item() in ids[b, 1 : am[b].sum() - 1].tolist()
+    assert out["attn_V"].shape == (2, cfg.max_tokens, feat * feat)
     assert set(out["losses"]) == {"mask", "lfr"}
     torch.testing.assert_close(out["loss"], out["losses"]["mask"] + 0.1 * out["losses"]["lfr"])
     out["loss"].backward()
@@ -201,33 +249,61 @@ def test_forward_backward_shapes_and_every_parameter_gets_a_gradient():
         n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() == 0
     ]
     assert not zero, zero
+    # frozen on purpose: the fixed LFR projection (stop-gradient), Swin's unused final LayerNorm
+    # and, on tiny (taps = stages 1-3), the merging into stage 4 and stage 4 itself
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    swin = "visual_encoder.backbone.swin."
+    allowed = ("lfr.W_proj.", swin + "layernorm.", swin + "encoder.layers.2.downsample.",
+               swin + "encoder.layers.3.")  # fmt: skip
+    assert {"lfr.W_proj.weight", swin + "encoder.layers.3.blocks.0.attention.q_proj.weight"} <= frozen
+    assert all(n.startswith(allowed) for n in frozen), frozen
     assert len(model.imi) == cfg.num_dec_layers - 1  # IMI only between successive layers
 
 
-def test_lfr_absent_at_inference():
+def test_calibrated_start():
+    """The last mask conv's bias is logit(prior): the first loss is the prior's entropy, not
+    BCE at p = 0.5 (0.69)."""
     torch.manual_seed(0)
-    cfg = Config.tiny()
+    cfg = tiny()
+    model = build_model(cfg).train()
+    p = cfg.mask_prior
+    last = model.mask_decoder.convs[-1]
+    torch.testing.assert_close(torch.sigmoid(last.bias), torch.tensor([p]))
+    images, ids, am, targets = make_batch(cfg, B=4)
+    masks = torch.zeros_like(targets["masks"])
+    masks[:, :8, :10] = 1.0  # foreground share 80 / 4096 ~ 2%, close to the prior
+    out = model(images, ids, am, {"masks": masks, "no_target": targets["no_target"]})
+    q = masks.mean().item()
+    entropy = -(q * math.log(p) + (1 - q) * math.log(1 - p))  # BCE of predicting p everywhere
+    assert abs(out["losses"]["mask"].item() - entropy) < 0.05, (out["losses"]["mask"], entropy)
+    assert out["losses"]["mask"].item() < 0.3
+
+
+def test_lfr_loss_only_in_training_but_measured_in_eval():
+    torch.manual_seed(0)
+    cfg = tiny()
     model = build_model(cfg)
     calls = []
     model.lfr.register_forward_hook(lambda *a: calls.append(1))
     images, ids, am, targets = make_batch(cfg)
     model.eval()
-    out = model(images, ids, am, targets)  # eval with targets: samples.png path
-    assert "lfr" not in out["losses"] and not calls
+    out = model(images, ids, am, targets)  # eval with targets: diagnostics / samples.png path
+    assert "lfr" not in out["losses"] and out["F_proj"].shape == (2, cfg.hidden_dim)
     torch.testing.assert_close(out["loss"], out["losses"]["mask"])
+    calls.clear()
+    assert "loss" not in model(images, ids, am) and not calls  # inference: LFR not computed
     model.train()
-    assert "loss" not in model(images, ids, am) and not calls  # no targets, no LFR
     assert "lfr" in model(images, ids, am, targets)["losses"] and calls
 
 
 def test_overfits_one_batch():
     torch.manual_seed(0)
-    cfg = Config.tiny()
+    cfg = tiny()
     model = build_model(cfg).train()
     images, ids, am, targets = make_batch(cfg, B=4)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(25):
         out = model(images, ids, am, targets)
         opt.zero_grad()
         out["loss"].backward()
@@ -244,14 +320,18 @@ def _eval_outputs(model, batch):
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_each_ablation_changes_the_computation(name):
-    cfg = Config.tiny()
+    cfg = tiny()
     batch = make_batch(cfg)
     torch.manual_seed(0)
     base = build_model(cfg)
     torch.manual_seed(0)
     ablated = build_model(tiny(ablate=(name,)))
     # copy every weight the two models share, so only the switched part can differ
-    ablated.load_state_dict(base.state_dict(), strict=False)
+    own = ablated.state_dict()
+    ablated.load_state_dict(
+        {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape},
+        strict=False,
+    )
     if name == "no_lfr":  # training-only loss: same masks, no LFR term
         torch.testing.assert_close(_eval_outputs(ablated, batch), _eval_outputs(base, batch))
         assert ablated.lfr is None
@@ -264,13 +344,16 @@ def test_each_ablation_changes_the_computation(name):
         "no_imi": lambda m: len(m.imi) == 0,
         "imi_fixed_ft": lambda m: m.imi[0].fixed_language and not hasattr(m.imi[0], "W_a"),
         "vlt_mask_decoder": lambda m: m.mask_decoder.vlt_style,
+        "concat_mask_decoder": lambda m: (
+            m.mask_decoder.convs[0][0].in_channels == 2 * cfg.hidden_dim
+        ),
     }
     assert structure[name](ablated)
 
 
 def test_same_weights_give_same_outputs():
     """Control for the ablation test: copying weights into an identical model changes nothing."""
-    cfg = Config.tiny()
+    cfg = tiny()
     batch = make_batch(cfg)
     torch.manual_seed(0)
     a = build_model(cfg)
@@ -280,15 +363,48 @@ def test_same_weights_give_same_outputs():
     torch.testing.assert_close(_eval_outputs(a, batch), _eval_outputs(b, batch))
 
 
-def test_ablations_train_and_num_dec_layers():
-    cfg = tiny(ablate=("generic_attention", "no_imi", "no_lfr"), num_dec_layers=1)  # Table II #0
+ROWS = [(t, k) for t, rows in TABLES.items() for k in rows]
+
+
+@pytest.mark.parametrize("table,key", ROWS, ids=[f"{t} {k.split()[0]}" for t, k in ROWS])
+def test_every_table_row_builds_and_trains_one_step(table, key):
+    spec = TABLES[table][key]
+    assert set(spec) <= {"ablate", "set", "paper", "baseline", "skip", "note"}
+    assert " " not in key.split()[0] and len(key.split()) > 1  # "<id> <description>"
+    if "skip" in spec:
+        assert spec["skip"] and "paper" in spec
+        return
+    assert all(0 < v < 100 for v in spec["paper"].values()) and "mIoU" in spec["paper"]
+    cfg = tiny(ablate=tuple(spec.get("ablate", ())), **spec.get("set", {}))
+    torch.manual_seed(0)
     model = build_model(cfg).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
     out = model(*make_batch(cfg))
     out["loss"].backward()
-    assert len(model.decoder_layers) == 1 and len(model.imi) == 0
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    feat, _ = expected_sizes(cfg)
-    assert out["mutual_attention"].shape == (2, feat, feat)
+    torch.optim.Adam(params, lr=1e-3).step()
+    assert torch.isfinite(out["loss"])
+    assert sum(not torch.equal(p, q) for p, q in zip(params, before, strict=True)) == len(params)
+    assert len(model.decoder_layers) == cfg.num_dec_layers
+
+
+def test_tables_rows_and_ablations_are_consistent():
+    assert sum(len(r) for r in TABLES.values()) == 12 + 5 + 3 + 1
+    for rows in TABLES.values():  # at most one baseline per table
+        assert sum(bool(s.get("baseline")) for s in rows.values()) <= 1
+    used = {a for rows in TABLES.values() for s in rows.values() for a in s.get("ablate", ())}
+    assert used == set(ABLATIONS)  # every switch appears in a paper row, and no other
+    for text in ABLATIONS.values():  # components, never row labels
+        assert "Table" not in text and "#" not in text
+    # Table II: each row adds one thing to the previous (#1 -> #2 adds IMI, #2 -> #4 adds LFR)
+    t2 = {k.split()[0]: set(s["ablate"]) for k, s in TABLES["TABLE II"].items()}
+    assert t2["#0"] - t2["#1"] == {"generic_attention"} and t2["#1"] - t2["#2"] == {"no_imi"}
+    assert t2["#2"] - t2["#4"] == {"no_lfr"} and t2["#3"] - t2["#2"] == {"imi_fixed_ft"}
+
+
+def test_recipe_is_the_papers():
+    assert (RECIPE["optimizer"], RECIPE["lr"], RECIPE["schedule"]) == ("adam", 0.005, "step")
+    assert (RECIPE["epochs"], RECIPE["batch_size"]) == (50, 48) and "iterations" not in RECIPE
 
 
 def test_unknown_or_conflicting_ablation_raises():
@@ -302,7 +418,7 @@ def test_unknown_or_conflicting_ablation_raises():
 
 def test_fixed_resolution_and_token_count():
     torch.manual_seed(0)
-    cfg = Config.tiny()
+    cfg = tiny()
     model = build_model(cfg).eval()
     images, ids, am, _ = make_batch(cfg)
     big = torch.randn(2, 3, 2 * cfg.image_size, 2 * cfg.image_size)
@@ -315,30 +431,77 @@ def test_fixed_resolution_and_token_count():
         full = model(images, ids, am)["mask_logits"]
         short = model(images, ids[:, :10], am[:, :10])["mask_logits"]
     torch.testing.assert_close(short, full)
-    stride = build_model(cfg).visual_encoder.stride  # F_enc's stride (8 on tiny, 16 on paper)
+    stride = model.visual_encoder.stride  # F_enc's stride (8 on tiny, 16 on paper)
     with pytest.raises(ValueError, match=f"multiple of {2 * stride}"):
         build_model(tiny(image_size=cfg.image_size + stride))
 
 
-def test_sample_extra_names_the_word():
+# ---------------------------------------------------------------------------------------------
+# diagnostics and sample_extra
+
+
+def test_diagnostics_on_a_hand_made_case():
+    """2 x 2 F_enc, 4 tokens: [CLS] w1 w2 [SEP]. Object = the top-left cell (1/4 of the image)."""
+    B, N_t, HW = 2, 4, 4
+    attn_V = torch.full((B, N_t, HW), 0.25)  # uniform: share on the object = its area
+    attn_V[0, 1] = torch.tensor([1.0, 0, 0, 0])  # sample 0, w1 looks only at the object
+    attn_V[0, 2] = torch.tensor([0.0, 1, 0, 0])  # w2 looks elsewhere
+    ids = torch.tensor([[2, 7, 8, 3], [2, 7, 8, 3]])
+    mask = torch.zeros(B, 8, 8)
+    mask[:, :4, :4] = 1.0
+    F_proj = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # mean (2, 1): SST = 2 * (1 + 1) = 4
+    F_rec = torch.tensor([[1.0, 1.0], [3.0, 2.0]])  # SSE = 1 -> R^2 = 1 - 1/4
+    out = {"attn_V": attn_V, "input_ids": ids, "attention_mask": torch.ones(B, N_t, dtype=int),
+           "F_proj": F_proj, "F_rec": F_rec}  # fmt: skip
+    batch = {"mask": mask, "no_target": torch.tensor([False, False])}
+    d = diagnostics(out, batch)
+    assert d["lfr_R2"] == pytest.approx(0.75)
+    assert d["lfr_proj_spread"] == pytest.approx(1.0)  # std over 2 sentences: 1 in each channel
+    assert d["lfr_proj_norm"] == pytest.approx((1 + 13**0.5) / 2)
+    assert d["target_area"] == pytest.approx(0.25)
+    assert d["att_on_target"] == pytest.approx(((1 + 0) / 2 + 0.25) / 2)  # [CLS]/[SEP] excluded
+    assert d["att_on_target_best"] == pytest.approx((1 + 0.25) / 2)
+    # predicting a constant scores R^2 = 0; no-target expressions are left out of the share
+    d = diagnostics({**out, "F_rec": F_proj.mean(0).expand(2, 2)},
+                    {"mask": mask, "no_target": torch.tensor([True, False])})  # fmt: skip
+    assert d["lfr_R2"] == pytest.approx(0.0) and d["att_on_target"] == pytest.approx(0.25)
+    d = diagnostics({k: v for k, v in out.items() if not k.startswith("F_")},
+                    {"mask": mask * 0, "no_target": torch.tensor([True, True])})  # fmt: skip
+    assert "lfr_R2" not in d and math.isnan(d["att_on_target"])
+
+
+def test_diagnostics_and_sample_extra_on_the_model():
     class Tok:
         def convert_ids_to_tokens(self, ids):
             return [f"w{i}" for i in ids]
 
-    cfg = Config.tiny()
+    cfg = tiny()
     torch.manual_seed(0)
-    out = build_model(cfg).eval()(*make_batch(cfg)[:3])
-    amap, caption = sample_extra(out, 1, Tok())
+    images, ids, am, targets = make_batch(cfg, B=3)
+    with torch.no_grad():
+        out = build_model(cfg).eval()(images, ids, am, targets)
+    batch = {"mask": targets["masks"], "no_target": targets["no_target"]}
+    d = diagnostics(out, batch)
+    assert set(d) == {"lfr_R2", "lfr_proj_spread", "lfr_proj_norm", "att_on_target",
+                      "att_on_target_best", "target_area"}  # fmt: skip
+    assert all(math.isfinite(v) for v in d.values()) and d["target_area"] == pytest.approx(0.25)
+    panels = sample_extra(out, 1, Tok())
     feat, _ = expected_sizes(cfg)
-    assert amap.shape == (feat, feat) and amap.dtype.kind == "f"
-    assert f"'w{out['attended_token_ids'][1].item()}'" in caption
-    assert sample_extra({"mask_logits": out["mask_logits"]}, 0, Tok()) == (None, "")
+    assert len(panels) == 2 and panels[0][0].shape == (feat, feat) and len(panels[1]) == 3
+    words = [f"w{i}" for i in ids[1, 1 : am[1].sum() - 1].tolist()]  # never [CLS]/[SEP]/[PAD]
+    assert any(f"'{w}'" in panels[0][1] for w in words)
+    assert sample_extra({"mask_logits": out["mask_logits"]}, 0, Tok()) == [(None, "")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and loading
 
 
 def test_paper_config_is_the_transformer_row():
     cfg = Config.paper()
     assert (cfg.image_size, cfg.hidden_dim, cfg.mask_dim, cfg.num_heads) == (480, 256, 512, 8)
     assert (cfg.num_enc_layers, cfg.num_dec_layers, cfg.w_rec, cfg.w_mask) == (2, 3, 0.1, 1.0)
+    assert (cfg.enc_stage, cfg.out_stride) == (3, 2)  # F_enc at stride 16, logits at stride 2
     assert cfg.pretrained and cfg.vision_name == "microsoft/swin-base-patch4-window12-384-in22k"
     swin = SwinConfig(**cfg.vision_config)
     assert (swin.embed_dim, list(swin.depths), swin.window_size) == (128, [2, 2, 18, 2], 12)
@@ -346,12 +509,28 @@ def test_paper_config_is_the_transformer_row():
     assert m3dec.TEXT_ENCODER == "bert"
 
 
-def test_from_pretrained_local_directories(tmp_path):
+def test_tiny_loads_the_shared_pretrained_encoders():
+    """Config.tiny() = from_pretrained(pretrained/tiny-swin, pretrained/tiny-bert), the folders'
+    architectures written out in vision_config / text_config."""
     cfg = Config.tiny()
+    assert cfg.pretrained and cfg.vision_name == "pretrained/tiny-swin"
+    model = build_model(cfg)
+    swin = SwinBackbone.from_pretrained(m3dec.Path(m3dec.__file__).parent / cfg.vision_name)
+    for k, v in cfg.vision_config.items():
+        assert getattr(swin.config, k) == v, k
+    bert = model.text_encoder.config
+    for k, v in cfg.text_config.items():
+        assert getattr(bert, k) == v, k
+    mine = model.visual_encoder.backbone.swin.state_dict()
+    for n, p in swin.swin.state_dict().items():
+        torch.testing.assert_close(mine[n], p, msg=n)
+    assert bert.vocab_size == cfg.vocab_size
+
+
+def test_from_pretrained_local_directories(tmp_path):
+    cfg = tiny()
     torch.manual_seed(0)
-    swin = SwinBackbone(
-        SwinConfig(**cfg.vision_config, out_features=["stage2", "stage3", "stage4"])
-    )
+    swin = SwinBackbone(SwinConfig(**cfg.vision_config, out_features=["stage1", "stage2"]))
     bert = BertModel(
         BertConfig(vocab_size=cfg.vocab_size, **cfg.text_config), add_pooling_layer=False
     )
@@ -360,7 +539,10 @@ def test_from_pretrained_local_directories(tmp_path):
     loaded = build_model(
         tiny(pretrained=True, vision_name=str(tmp_path / "swin"), text_name=str(tmp_path / "bert"))
     )
-    for mine, ref in ((loaded.visual_encoder.backbone, swin), (loaded.text_encoder, bert)):
+    for mine, ref in (
+        (loaded.visual_encoder.backbone.swin, swin.swin),
+        (loaded.text_encoder, bert),
+    ):
         for (n, p), (_, q) in zip(mine.state_dict().items(), ref.state_dict().items(), strict=True):
             torch.testing.assert_close(p, q, msg=n)
     out = loaded.train()(*make_batch(cfg))
