@@ -22,14 +22,20 @@ Datasets (all behind `build_dataset(name, split, ...)`, names in `DATASETS`):
 Decisions worth knowing (one line each):
 - Masks of real datasets are the UNION of polygon parts and of the referred instances (ReLA's rule;
   not LAVT's "sum of polygon parts == 1" quirk, which drops pixels covered by two parts).
-- Polygons are rasterised with PIL at the original image size (pycocotools may differ by a boundary
-  pixel); COCO RLE (compressed strings and uncompressed count lists) is decoded in numpy.
+- Polygons are rasterised at the original image size by pycocotools' rule (maskApi.c rleFrPoly),
+  ported to numpy and tested pixel for pixel against pycocotools: the official masks exactly. COCO
+  RLE (compressed strings and uncompressed count lists) is decoded in numpy.
 - Crowd annotations are kept when a ref points at one (ReLA's loader skips them; that would leave
   a targeted expression with an empty mask).
 - The sentence field: `raw` for the BERT family (LAVT, ReLA tokenise `raw`), `sent` for the CLIP
   family (CRIS stores `sent`); either falls back to the other when missing.
 - `refs(*).p` is read with a restricted unpickler that refuses every global: a refs file only holds
   lists, dicts, strings and numbers, so a pickle that wants to import anything is refused.
+- Bad files end in one line: a refs / instances file of the wrong format (JSON where a pickle is
+  expected, truncated, not a list of ref dicts, ...) raises ValueError naming the file and the
+  format expected; an image that cannot be decoded (corrupt, truncated) is replaced by the next
+  sample whose image decodes, with one warning naming the file (deterministic: same index, same
+  replacement).
 - Images are resized to a square without letterbox (LAVT / ReLA; CRIS letterboxes), bilinear for
   the image, nearest for the mask. Augmentation (horizontal flip that also swaps "left"/"right" in
   the expression) is off by default, as in every official recipe.
@@ -822,32 +828,132 @@ def _decode_bytes(obj):
     return obj
 
 
+INSTANCES_FORMAT = "a COCO instances JSON object with 'images' and 'annotations' lists"
+REF_KEYS = ("ref_id", "image_id", "ann_id", "split", "sentences")  # what the loader reads of a ref
+REFS_FORMAT = {
+    ".p": "a pickled list of ref dicts (refer API, keys " + ", ".join(REF_KEYS) + ")",
+    ".json": "a JSON list of ref dicts (gRefCOCO, keys " + ", ".join(REF_KEYS) + ")",
+}
+
+
+def _check_refs(refs, path: Path, keys: tuple[str, ...] = REF_KEYS) -> list[dict]:
+    """refs must be a list of dicts that have `keys`; anything else is a one-line ValueError."""
+    expected = REFS_FORMAT[path.suffix]
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        got = type(refs).__name__
+        if isinstance(refs, list):
+            got = (
+                "a list holding " + type(next(r for r in refs if not isinstance(r, dict))).__name__
+            )
+        raise ValueError(f"{path}: expected {expected}, got {got}")
+    for r in refs:
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"{path}: expected {expected}; a ref lacks '{missing[0]}'")
+    return refs
+
+
 def load_refs_pickle(path: str | Path) -> list[dict]:
-    """Read a refer-API refs(*).p (Python 2 or 3 pickle) with the restricted unpickler."""
+    """Read a refer-API refs(*).p (Python 2 or 3 pickle) with the restricted unpickler.
+
+    Anything that is not such a pickle (JSON, a truncated download, a pickle asking for a
+    global) raises a one-line ValueError naming the file and the format expected.
+    """
+    path = Path(path)
+    expected = REFS_FORMAT[".p"]
     with open(path, "rb") as f:
+        head = f.read(1)
+        f.seek(0)
         try:
             refs = RestrictedUnpickler(f, encoding="bytes").load()
         except pickle.UnpicklingError as e:
-            raise pickle.UnpicklingError(f"{path}: {e}") from None
-    refs = _decode_bytes(refs)
-    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise ValueError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
-    return refs
+            if str(e).startswith("refusing"):
+                raise ValueError(f"{path}: {e}") from None
+            looks = " (it looks like JSON)" if head in (b"[", b"{") else ""
+            raise ValueError(f"{path}: not a pickle{looks}: {e}; expected {expected}") from None
+        except (EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+            # what the unpickler raises on data cut short or garbled
+            raise ValueError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e}); "
+                             f"expected {expected}") from None  # fmt: skip
+    return _check_refs(_decode_bytes(refs), path, keys=())
+
+
+def load_json(path: Path, what: str):
+    """json.load with a one-line ValueError naming the file and the format expected."""
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); expected {what}"
+                         ) from None  # fmt: skip
 
 
 # ---- masks: polygons and COCO RLE ------------------------------------------------------------
 
 
 def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
-    """Union of polygon parts (flat [x0, y0, x1, y1, ...] lists) -> (h, w) bool, drawn with PIL."""
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
+    """Union of polygon parts (flat [x0, y0, x1, y1, ...] lists) -> (h, w) bool, pixel for pixel
+    what pycocotools gives (`decode(merge(frPyObjects(parts, h, w)))`, the official masks)."""
+    columns = np.zeros((width, height), dtype=bool)  # (w, h): the mask column by column
     for poly in polygons:
         if len(poly) < 6 or len(poly) % 2:  # fewer than 3 points (or a dangling coordinate)
             warnings.warn(f"skipping an invalid polygon with {len(poly)} coordinates", stacklevel=2)
             continue
-        draw.polygon([float(c) for c in poly], fill=1)
-    return np.asarray(canvas, dtype=bool)
+        columns |= _polygon_columns(poly, height, width)
+    return columns.T  # (h, w)
+
+
+_INT_MIN = -(2**31)  # what x86 gives for C's (int)NaN
+
+
+def _polygon_columns(poly: list[float], height: int, width: int) -> np.ndarray:
+    """One polygon -> (w, h) bool (the mask transposed) by pycocotools' rule (maskApi.c
+    rleFrPoly), vectorised.
+
+    The outline is drawn on a 5x finer grid (vertices rounded there), every step of it that
+    crosses a pixel-centre column is kept as a "boundary" at the first pixel centre below it, and
+    pixels flip inside/outside at each boundary, going down each column (column-major, as RLE).
+    C's float->int casts truncate toward zero (not floor), which we keep: it is what shifts
+    off-image vertices by one fine step. Every float operation is done in C's order, in float64.
+    """
+    h, w, scale = int(height), int(width), 5.0
+    xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)  # (k, 2)
+    x0 = np.trunc(scale * xy[:, 0] + 0.5).astype(np.int64)  # vertices on the fine grid, (k,)
+    y0 = np.trunc(scale * xy[:, 1] + 0.5).astype(np.int64)
+    # Edges j -> j+1 (closed); each is walked along its major axis, one fine step at a time,
+    # from its lower end (swapped when "flip") but emitted from vertex j to vertex j+1.
+    xs, xe, ys, ye = x0, np.roll(x0, -1), y0, np.roll(y0, -1)  # (k,) each
+    dx, dy = np.abs(xe - xs), np.abs(ys - ye)
+    major_x = dx >= dy
+    flip = (major_x & (xs > xe)) | (~major_x & (ys > ye))
+    xs, xe = np.where(flip, xe, xs), np.where(flip, xs, xe)
+    ys, ye = np.where(flip, ye, ys), np.where(flip, ys, ye)
+    length = np.where(major_x, dx, dy)  # fine steps of the edge; it emits length + 1 points
+    with np.errstate(divide="ignore", invalid="ignore"):  # a repeated vertex: 0 / 0 = NaN
+        slope = np.where(major_x, (ye - ys) / dx, (xe - xs) / dy)  # (k,) float64
+    edge = np.repeat(np.arange(len(xs)), length + 1)  # (m,) edge of each outline point
+    start = np.cumsum(length + 1) - (length + 1)
+    d = np.arange(len(edge)) - start[edge]
+    t = np.where(flip[edge], length[edge] - d, d)  # (m,) steps from the edge's lower end
+    with np.errstate(invalid="ignore"):
+        along = np.trunc(np.where(major_x, ys, xs)[edge] + slope[edge] * t + 0.5)  # (m,)
+    along = np.where(np.isnan(along), _INT_MIN, along).astype(np.int64)
+    u = np.where(major_x[edge], t + xs[edge], along)  # (m,) fine x of each outline point
+    v = np.where(major_x[edge], along, t + ys[edge])  # (m,) fine y
+    # Steps that change the fine column: boundary at column xd if it is a pixel centre inside
+    # the image, at row ceil(yd), yd = the step's upper fine y mapped back to pixels.
+    step = np.flatnonzero(u[1:] != u[:-1]) + 1  # index j of the step (j - 1 -> j)
+    uj, uprev, vj, vprev = u[step], u[step - 1], v[step], v[step - 1]
+    xd = (np.where(uj < uprev, uj, uj - 1).astype(np.float64) + 0.5) / scale - 0.5
+    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= w - 1)
+    yd = (np.minimum(vj, vprev)[keep].astype(np.float64) + 0.5) / scale - 0.5
+    yd = np.ceil(np.clip(yd, 0, h))
+    flips = xd[keep].astype(np.int64) * h + yd.astype(np.int64)  # column-major pixel index
+    # The boundaries are the RLE's run ends: the pixels flip inside/outside at each of them, in
+    # column-major order, so two at one pixel cancel (rleFrPoly merges their zero-length run).
+    at, times = np.unique(flips, return_counts=True)
+    ends = np.concatenate([[0], at[(times % 2 == 1) & (at < h * w)], [h * w]])  # (runs + 1,)
+    inside = np.repeat(np.arange(len(ends) - 1) % 2 == 1, np.diff(ends))  # (h*w,) column-major
+    return inside.reshape(w, h)  # (w, h)
 
 
 def rle_string_to_counts(s: str | bytes) -> list[int]:
@@ -957,11 +1063,16 @@ class ReferDataset(_RISDataset):
         folder = root / name
         if name == "grefcoco":
             refs_path = _require(folder / f"grefs({split_by}).json", name, split_by)
-            refs = json.loads(refs_path.read_text())
+            refs = _check_refs(load_json(refs_path, REFS_FORMAT[".json"]), refs_path)
         else:
             refs_path = _require(folder / f"refs({split_by}).p", name, split_by)
-            refs = load_refs_pickle(refs_path)
-        instances = json.loads(_require(folder / "instances.json", name, split_by).read_text())
+            refs = _check_refs(load_refs_pickle(refs_path), refs_path)
+        instances_path = _require(folder / "instances.json", name, split_by)
+        instances = load_json(instances_path, INSTANCES_FORMAT)
+        if not isinstance(instances, dict) or not all(
+            isinstance(instances.get(k), list) for k in ("images", "annotations")
+        ):
+            raise ValueError(f"{instances_path}: expected {INSTANCES_FORMAT}")
         self.image_dir = root / "images" / "train2014"
         if not self.image_dir.is_dir() and (root / "images/mscoco/images/train2014").is_dir():
             self.image_dir = root / "images/mscoco/images/train2014"  # refer's original layout
@@ -1007,6 +1118,7 @@ class ReferDataset(_RISDataset):
             self.samples = self.samples[:num_samples]
         if self.samples:
             _require(self._image_path(self.samples[0][1]), name, split_by)
+        self._bad_images: set[int] = set()  # image ids that failed to decode (per process)
 
     def _image_path(self, image_id: int) -> Path:
         return self.image_dir / self.images[image_id]["file_name"]
@@ -1021,14 +1133,37 @@ class ReferDataset(_RISDataset):
             mask |= segmentation_to_mask(self.anns[a]["segmentation"], height, width)
         return mask
 
-    def __getitem__(self, index: int) -> dict:
-        ref_id, image_id, ann_ids, sentence = self.samples[index]
+    def _load_image(self, image_id: int) -> Image.Image | None:
+        """The RGB image, or None (after one warning per file) when it cannot be decoded."""
+        if image_id in self._bad_images:
+            return None
         path = self._image_path(image_id)
-        if not path.exists():
+        if not path.exists():  # a missing file is a layout problem, not a bad file: stop
             raise FileNotFoundError(f"missing image {path} (image_id {image_id})")
-        image = Image.open(path).convert("RGB")
-        mask = self.mask(index, image.height, image.width)
-        return self._item(image, mask, sentence, not ann_ids, ref_id, image_id)
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")  # decodes everything: a truncated file fails here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # PIL.UnidentifiedImageError and "image file is truncated" are OSErrors
+            self._bad_images.add(image_id)
+            warnings.warn(f"skipping {path}: cannot decode the image ({e}); its samples are "
+                          "replaced by the next sample whose image decodes",
+                          stacklevel=3)  # fmt: skip
+            return None
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(index)
+        for offset in range(n):  # a bad image: the next sample with a good one, deterministically
+            i = (index + offset) % n
+            ref_id, image_id, ann_ids, sentence = self.samples[i]
+            image = self._load_image(image_id)
+            if image is not None:
+                mask = self.mask(i, image.height, image.width)
+                return self._item(image, mask, sentence, not ann_ids, ref_id, image_id)
+        raise ValueError(f"none of the {len(self._bad_images)} images of this split under "
+                         f"{self.image_dir} can be decoded")  # fmt: skip
 
 
 # =============================================================================================
@@ -1073,15 +1208,33 @@ def build_dataset(
 # =============================================================================================
 
 
+def _outline(mask: np.ndarray) -> list[float] | None:
+    """The pixel-edge outline of a mask whose rows are each one run of pixels (convex shapes):
+    down the right edges, up the left edges, as a flat polygon; None when a row is not one run.
+    Pixel (y, x) is the unit square [x, x + 1) x [y, y + 1), as the COCO rasteriser reads it."""
+    rows = np.flatnonzero(mask.any(1))
+    if len(rows) == 0 or rows[-1] - rows[0] + 1 != len(rows):
+        return None
+    x0 = mask[rows].argmax(1)
+    x1 = mask.shape[1] - mask[rows, ::-1].argmax(1)  # one past the run's last pixel
+    if (mask[rows].sum(1) != x1 - x0).any():
+        return None
+    ys = rows.tolist()
+    right = [(x, y + dy) for x, y in zip(x1.tolist(), ys, strict=True) for dy in (0, 1)]
+    left = [(x, y + dy) for x, y in zip(x0.tolist(), ys, strict=True) for dy in (0, 1)][::-1]
+    return [float(c) for point in right + left for c in point]
+
+
 def _annotation(scene: Scene, k: int, ann_id: int, image_id: int) -> dict:
-    """COCO annotation of object k: a polygon when it reproduces the visible pixels exactly,
-    otherwise (circles, a boundary pixel taken by a touching neighbour) compressed RLE."""
+    """COCO annotation of object k: for a polygon shape, the polygon of its visible pixels'
+    outline when it reproduces them exactly (the scene is drawn by PIL, whose polygon fill is
+    not COCO's, so the shape's own vertices would not); otherwise (circles, stars, a boundary
+    pixel taken by a touching neighbour) compressed RLE."""
     o, visible = scene.objects[k], scene.labels == k + 1
     segmentation = mask_to_rle(visible)
-    if o.polygon is not None and np.array_equal(
-        polygons_to_mask([o.polygon], CANVAS, CANVAS), visible
-    ):
-        segmentation = [o.polygon]
+    outline = _outline(visible) if o.polygon is not None else None
+    if outline is not None and np.array_equal(polygons_to_mask([outline], CANVAS, CANVAS), visible):
+        segmentation = [outline]
     ys, xs = np.nonzero(visible)
     return {
         "id": ann_id,

@@ -1,6 +1,7 @@
 """data.py: real-format loaders on hand-written fixtures, export round trip, the synthetic world's
 invariants (re-checked by an independent parser of the expressions), tokenizers, transforms."""
 
+import io
 import json
 import os
 import pickle
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as coco_mask  # the oracle (requirements.txt, tests section)
 
 import data
 
 TINY = dict(image_size=16, max_tokens=12)
+# pycocotools' decode trips numpy 2's copy-keyword deprecation inside its own code
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,8 @@ def write_png(path, height, width, seed=0):
 
 
 def rect(x0, y0, x1, y1):
-    """Polygon of an axis-aligned rectangle; PIL fills it boundary-inclusive: [y0:y1+1, x0:x1+1]."""
+    """Polygon of an axis-aligned rectangle with integer corners; pycocotools (and so data.py)
+    fills the pixels whose centres it covers, half-open: [y0:y1, x0:x1]."""
     return [x0, y0, x1, y0, x1, y1, x0, y1]
 
 
@@ -96,8 +101,8 @@ def refcoco_root(tmp_path):
         12: uncompressed,
         21: PYCOCO_MASK,
     }
-    expected[11][1:4, 1:5] = True  # rect(1, 1, 4, 3)
-    expected[11][2:6, 3:7] = True  # rect(3, 2, 6, 5): the overlap stays foreground (union)
+    expected[11][1:3, 1:4] = True  # rect(1, 1, 4, 3)
+    expected[11][2:5, 3:6] = True  # rect(3, 2, 6, 5): the overlap stays foreground (union)
     return tmp_path, expected
 
 
@@ -166,9 +171,9 @@ def test_grefcoco_multi_and_no_target(grefcoco_root, bert_tok):
     ds = data.build_dataset("grefcoco", "val", tokenizer=bert_tok, family="bert",
                             root=grefcoco_root, image_size=8, max_tokens=8)  # fmt: skip
     multi = np.zeros((8, 8), dtype=bool)
-    multi[0:3, 0:3] = multi[1:4, 1:6] = True  # union of the two instances
+    multi[0:2, 0:2] = multi[1:3, 1:5] = True  # union of the two instances
     single = np.zeros((8, 8), dtype=bool)
-    single[6:8, 6:8] = True
+    single[6, 6] = True
     items = [ds[i] for i in range(3)]
     assert [it["no_target"] for it in items] == [False, True, False]
     assert np.array_equal(items[0]["mask"].numpy() > 0.5, multi)
@@ -209,8 +214,9 @@ def test_malicious_pickle_is_refused(tmp_path, bert_tok):
     (tmp_path / "refcoco").mkdir()
     with open(tmp_path / "refcoco/refs(unc).p", "wb") as f:
         pickle.dump([{"ref_id": 1, "payload": _Evil(pwned)}], f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load global .*system"):
+    with pytest.raises(ValueError, match="refusing to load global .*system") as e:
         build("refcoco", "val", tmp_path, bert_tok)
+    assert "refs(unc).p" in str(e.value) and "\n" not in str(e.value)
     assert not pwned.exists()
 
 
@@ -236,6 +242,203 @@ def test_rle_codec_against_pycocotools_reference():
 
 
 # ---------------------------------------------------------------------------------------------
+# Polygons: pixel for pixel what pycocotools makes (the official ground truth)
+
+
+def coco_polygons(parts, height, width):
+    """The official rasterisation: union of the parts (detectron2 / ReLA, `merge`), decoded."""
+    rles = coco_mask.frPyObjects([list(map(float, p)) for p in parts], height, width)
+    return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
+
+
+def random_polygon(rng, kind, height, width):
+    k = int(rng.integers(3, 13))
+    box = np.array([width, height], dtype=float)
+    if kind == "any":  # anywhere, self-intersecting as drawn
+        p = rng.uniform(0, 1, (k, 2)) * box
+    elif kind == "off-image":  # vertices up to 30% outside the image, negative ones included
+        p = rng.uniform(-0.3, 1.3, (k, 2)) * box
+    elif kind == "tiny":  # under a pixel or two across
+        p = rng.uniform(0, 1, (1, 2)) * box + rng.uniform(0, rng.choice([0.3, 1.0, 2.0]), (k, 2))
+    elif kind == "thin":  # a sliver along a random direction
+        a, b = rng.uniform(0, 1, (2, 2)) * box
+        s = rng.uniform(0, 1, (k, 1))
+        p = a + s * (b - a) + rng.uniform(-0.4, 0.4, (k, 2))
+    elif kind == "grid":  # integer and half-integer vertices: ties of the rounding rules
+        p = np.round(rng.uniform(-2, 1, (k, 2)) * 2 + rng.uniform(0, 1, (k, 2)) * box * 2) / 2
+    else:  # "degenerate": repeated vertices, collinear runs, all points equal
+        p = np.round(rng.uniform(-0.2, 1.2, (k, 2)) * box, 1)
+        p[1] = p[0]
+        p[-1] = p[-2]
+        if rng.random() < 0.3:
+            p[:] = p[0]
+        elif rng.random() < 0.5:
+            p[:, 1] = p[0, 1]  # a horizontal line
+    return p.ravel().tolist()
+
+
+KINDS = ("any", "off-image", "tiny", "thin", "grid", "degenerate")
+
+
+def test_polygons_match_pycocotools_on_random_polygons():
+    rng = np.random.default_rng(0)
+    for i in range(1200):
+        height, width = (int(v) for v in rng.integers(1, 48, 2))
+        poly = random_polygon(rng, KINDS[i % len(KINDS)], height, width)
+        ours = data.polygons_to_mask([poly], height, width)
+        assert ours.shape == (height, width)
+        assert np.array_equal(ours, coco_polygons([poly], height, width)), (height, width, poly)
+
+
+def test_polygon_parts_union_matches_pycocotools():
+    rng = np.random.default_rng(1)
+    for i in range(200):
+        height, width = (int(v) for v in rng.integers(8, 64, 2))
+        parts = [random_polygon(rng, KINDS[(i + j) % len(KINDS)], height, width)
+                 for j in range(int(rng.integers(2, 5)))]  # fmt: skip
+        assert np.array_equal(data.polygons_to_mask(parts, height, width),
+                              coco_polygons(parts, height, width))  # fmt: skip
+
+
+def test_coco_sized_objects_match_pycocotools():
+    """Objects of a 480x640 COCO image: a blob of ~40 vertices and a many-vertex outline."""
+    rng = np.random.default_rng(2)
+    for n in (8, 40, 200):
+        angle = np.sort(rng.uniform(0, 2 * np.pi, n))
+        r = 1 + 0.15 * rng.standard_normal(n)
+        centre, radii = rng.uniform([100, 100], [540, 380]), rng.uniform([20, 20], [200, 150])
+        poly = centre + radii * r[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
+        poly = poly.round(2).ravel().tolist()  # COCO stores 2 decimals
+        ours = data.polygons_to_mask([poly], 480, 640)
+        assert ours.sum() > 100 and np.array_equal(ours, coco_polygons([poly], 480, 640))
+
+
+def test_fixture_masks_match_pycocotools(refcoco_root, grefcoco_root):
+    root, expected = refcoco_root
+    instances = json.loads((root / "refcoco/instances.json").read_text())
+    parts = instances["annotations"][0]["segmentation"]  # two overlapping boxes + a 2-point part
+    # pycocotools makes nothing of the 2-point part either: skipping it changes no pixel
+    assert np.array_equal(coco_polygons(parts, 10, 12), expected[11])
+    assert np.array_equal(coco_polygons(parts[:2], 10, 12), expected[11])
+    with pytest.warns(UserWarning, match="invalid polygon"):
+        assert np.array_equal(data.polygons_to_mask(parts, 10, 12), expected[11])
+    for rle, mask in ((PYCOCO_RLE, PYCOCO_MASK), (instances["annotations"][1]["segmentation"],
+                                                    expected[12])):  # fmt: skip
+        if isinstance(rle["counts"], list):
+            rle = coco_mask.frPyObjects(rle, *rle["size"])  # uncompressed -> compressed
+        assert np.array_equal(coco_mask.decode(rle).astype(bool), mask)
+    assert coco_mask.encode(np.asfortranarray(PYCOCO_MASK.astype(np.uint8)))["counts"] == (
+        PYCOCO_RLE["counts"].encode())  # fmt: skip
+    g = json.loads((grefcoco_root / "grefcoco/instances.json").read_text())
+    for ann in g["annotations"]:
+        assert np.array_equal(data.segmentation_to_mask(ann["segmentation"], 8, 8),
+                              coco_polygons(ann["segmentation"], 8, 8))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad files: one line, nothing else lost
+
+
+def one_line(error):
+    return "\n" not in str(error.value)
+
+
+@pytest.mark.filterwarnings("ignore:.*empty sentence")
+@pytest.mark.parametrize("damage", ["garbage", "truncated png", "truncated jpeg", "empty"])
+def test_a_corrupt_image_is_replaced_by_the_next_good_sample(refcoco_root, bert_tok, damage):
+    root, expected = refcoco_root
+    bad = root / "images/train2014/b.png"  # the image of val sample 1 ("the crowd")
+    if damage == "garbage":
+        bad.write_bytes(b"this is not an image" * 10)
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    else:  # a download cut short: the header reads fine, the pixels do not
+        buffer = io.BytesIO()
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            buffer, format="PNG" if damage == "truncated png" else "JPEG")  # fmt: skip
+        bad.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    val = build("refcoco", "val", root, bert_tok)
+    assert len(val) == 2
+    with pytest.warns(UserWarning, match=r"skipping .*b\.png: cannot decode") as record:
+        item = val[1]
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    good = val[0]  # the next sample (wrapping around) whose image decodes, every time
+    assert item["ref_id"] == good["ref_id"] == 6 and item["sentence"] == "bottom left"
+    assert torch.equal(item["image"], good["image"]) and torch.equal(item["mask"], good["mask"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file: the second time is silent
+        assert val[1]["ref_id"] == 6
+    with pytest.raises(IndexError):
+        val[2]
+    (root / "images/train2014/a.png").write_bytes(b"")  # now no image of the split decodes
+    again = build("refcoco", "val", root, bert_tok)
+    with pytest.warns(UserWarning, match="skipping"):
+        with pytest.raises(ValueError, match="none of the 2 images") as e:
+            again[0]
+    assert one_line(e)
+
+
+def write_refcoco(root, payload: bytes, name="refcoco/refs(unc).p"):
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(payload)
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (json.dumps([{"ref_id": 1}]).encode(), r"not a pickle \(it looks like JSON\)"),
+        (b"", "truncated or corrupt pickle"),
+        (pickle.dumps({"refs": []}), "got dict"),
+        (pickle.dumps([["ref_id", 1]]), "got a list holding list"),
+        (pickle.dumps([{"ref_id": 1, "image_id": 1, "split": "val"}]), "a ref lacks 'ann_id'"),
+        (b"\x00\x01\x02 binary junk", "not a pickle"),
+    ],
+    ids=["json", "empty", "dict", "list-of-lists", "missing-key", "junk"],
+)
+def test_refs_pickle_of_the_wrong_format(refcoco_root, bert_tok, payload, match):
+    root, _ = refcoco_root
+    write_refcoco(root, payload)
+    with pytest.raises(ValueError, match=match) as e:
+        build("refcoco", "val", root, bert_tok)
+    assert one_line(e) and "refs(unc).p" in str(e.value)
+    assert "pickled list of ref dicts" in str(e.value)  # names the format expected
+
+
+def test_truncated_refs_pickle_at_every_length(refcoco_root, bert_tok):
+    root, _ = refcoco_root
+    whole = (root / "refcoco/refs(unc).p").read_bytes()
+    for cut in sorted({1, 2, 3, 10, len(whole) // 3, len(whole) // 2, len(whole) - 1}):
+        write_refcoco(root, whole[:cut])
+        with pytest.raises(ValueError, match=r"refs\(unc\)\.p: .*pickled list of ref dicts") as e:
+            build("refcoco", "val", root, bert_tok)
+        assert one_line(e)
+
+
+def test_grefs_and_instances_of_the_wrong_format(grefcoco_root, refcoco_root, bert_tok):
+    grefs = grefcoco_root / "grefcoco/grefs(unc).json"
+    good = grefs.read_bytes()
+    cases = [
+        (pickle.dumps([{"ref_id": 1}]), "not valid JSON"),  # a pickle where JSON is expected
+        (good[: len(good) // 2], "not valid JSON"),  # truncated
+        (b'{"refs": []}', "got dict"),
+    ]
+    for payload, match in cases:
+        grefs.write_bytes(payload)
+        with pytest.raises(ValueError, match=match) as e:
+            build("grefcoco", "val", grefcoco_root, bert_tok)
+        assert one_line(e) and "grefs(unc).json" in str(e.value)
+        assert "JSON list of ref dicts" in str(e.value)
+    root, _ = refcoco_root
+    instances = root / "refcoco/instances.json"
+    for payload, match in [(b"\x89PNG\r\n", "not valid JSON"), (b"[1, 2]", "expected a COCO")]:
+        instances.write_bytes(payload)
+        with pytest.raises(ValueError, match=match) as e:
+            build("refcoco", "val", root, bert_tok)
+        assert one_line(e) and "instances.json" in str(e.value) and "'annotations'" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
 # Export round trip
 
 
@@ -247,6 +450,10 @@ def test_export_round_trip(tmp_path, bert_tok, name):
     instances = json.loads((tmp_path / folder / "instances.json").read_text())
     kinds = {type(a["segmentation"]).__name__ for a in instances["annotations"]}
     assert kinds == {"list", "dict"}  # both polygons and compressed RLE are exercised
+    for ann in instances["annotations"]:  # the files mean to pycocotools what they mean to us
+        seg, size = ann["segmentation"], (data.CANVAS, data.CANVAS)
+        coco = coco_polygons(seg, *size) if isinstance(seg, list) else coco_mask.decode(seg)
+        assert np.array_equal(data.segmentation_to_mask(seg, *size), coco.astype(bool))
     loaded = data.build_dataset(folder, "val", tokenizer=bert_tok, family="bert", root=tmp_path,
                                 image_size=data.CANVAS, max_tokens=20)  # fmt: skip
     synthetic = data.build_dataset(name, "val", tokenizer=bert_tok, family="bert",
