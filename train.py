@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -50,6 +51,12 @@ from transformers import PreTrainedModel  # noqa: E402
 
 import common  # noqa: E402
 import data  # noqa: E402
+
+# Loading an encoder prints a report of the weights a method adds on purpose (e.g. SwinBackbone's
+# per-stage norms, as LAVT) and a progress bar: noise in a training log (tests/test_checkpoints.py
+# checks which weights are missing).
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("magnet", "asda", "rela", "m3dec", "cm_masksd")
@@ -593,6 +600,51 @@ def main(argv=None) -> None:
     if hasattr(cfg, "mask_token_id"):
         cfg = dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id)
 
+    # ---- the recipe: demo or the paper's, then the user's flags on top ---------------------------
+    recipe_name = args.recipe or ("demo" if synthetic else "paper")
+    recipe = dict(DEMO_RECIPE if recipe_name == "demo" else module.RECIPE)
+    if recipe_name == "demo" and not cfg.pretrained:
+        recipe["encoder_lr_factor"] = 1.0  # random-init encoders learn at the full rate
+    flags = {"lr": args.lr, "encoder_lr_factor": args.encoder_lr_mult,
+             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip}  # fmt: skip
+    recipe.update({k: v for k, v in flags.items() if v is not None})
+    # The recipe's batch is the total over all processes; --batch-size is per process.
+    batch_size = args.batch_size or max(1, recipe["batch_size"] // world)
+    recipe["batch_size"] = batch_size * world
+
+    # ---- data -----------------------------------------------------------------------------
+    def dataset(split, num_samples=None):
+        return data.build_dataset(
+            args.dataset,
+            split,
+            tokenizer=tokenizer,
+            family=family,
+            image_size=cfg.image_size,
+            max_tokens=cfg.max_tokens,
+            root=args.data_root,
+            split_by=args.split_by,
+            num_samples=num_samples,
+        )  # the world's own seed: same val set for every run
+
+    try:  # before the model: a missing file is reported before any encoder is loaded
+        val_set = (
+            None
+            if args.predict
+            else dataset(args.val_split, args.val_samples or (500 if synthetic else None))
+        )
+        train_set = None if args.eval_only or args.predict else dataset(args.train_split)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else repr(e))
+    loader_kw = dict(
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=data.collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        # Loaders draw their worker seeds from this generator, not from the global one, so
+        # starting a loader never shifts the model's RNG stream (dropout, masking).
+        generator=torch.Generator().manual_seed(args.seed + rank),
+    )
     # ---- model ----------------------------------------------------------------------------
     try:
         # From a checkpoint the weights are all there: build the architecture without loading
@@ -645,47 +697,6 @@ def main(argv=None) -> None:
         print(f"wrote {out_path} ({int(mask.sum())} pixels selected)")
         return
 
-    # ---- the recipe: demo or the paper's, then the user's flags on top ---------------------------
-    recipe_name = args.recipe or ("demo" if synthetic else "paper")
-    recipe = dict(DEMO_RECIPE if recipe_name == "demo" else module.RECIPE)
-    if recipe_name == "demo" and not cfg.pretrained:
-        recipe["encoder_lr_factor"] = 1.0  # random-init encoders learn at the full rate
-    flags = {"lr": args.lr, "encoder_lr_factor": args.encoder_lr_mult,
-             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip}  # fmt: skip
-    recipe.update({k: v for k, v in flags.items() if v is not None})
-    # The recipe's batch is the total over all processes; --batch-size is per process.
-    batch_size = args.batch_size or max(1, recipe["batch_size"] // world)
-    recipe["batch_size"] = batch_size * world
-
-    # ---- data -----------------------------------------------------------------------------
-    def dataset(split, num_samples=None):
-        return data.build_dataset(
-            args.dataset,
-            split,
-            tokenizer=tokenizer,
-            family=family,
-            image_size=cfg.image_size,
-            max_tokens=cfg.max_tokens,
-            root=args.data_root,
-            split_by=args.split_by,
-            num_samples=num_samples,
-        )  # the world's own seed: same val set for every run
-
-    try:
-        val_set = dataset(args.val_split, args.val_samples or (500 if synthetic else None))
-        train_set = None if args.eval_only else dataset(args.train_split)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e).splitlines()[0] if str(e) else repr(e))
-    loader_kw = dict(
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=data.collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        # Loaders draw their worker seeds from this generator, not from the global one, so
-        # starting a loader never shifts the model's RNG stream (dropout, masking).
-        generator=torch.Generator().manual_seed(args.seed + rank),
-    )
     # Each rank evaluates its own slice of the val set; the metric sums are all-reduced.
     val_loader = DataLoader(val_set, sampler=list(range(rank, len(val_set), world)), **loader_kw)
 

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,10 @@ def test_run_folder_has_every_output(rela_run):
     assert ckpt["method"] == "rela" and ckpt["step"] == 6
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val" in r] == [3, 6]
+    # Every evaluation also asks whether the prediction depends on the expression.
+    assert 0.0 <= metrics["val"]["text_swap_IoU"] <= 1.0 and "swap_mIoU" in metrics["val"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["recipe"]["name"] == "demo" and config["recipe"]["total_steps"] == 6
 
 
 def test_resume_continues_exactly(rela_run, tmp_path):
@@ -87,6 +92,12 @@ def test_eval_only_and_predict(rela_run, tmp_path):
     out = tmp_path / "rela" / "scene_pred.png"
     assert out.is_file() and str(out) in proc.stdout
     assert Image.open(out).size[0] > 0
+    # Without --out the overlay goes beside the checkpoint, in its own run folder.
+    run(["train.py", "--method", "rela", "--resume", ckpt, "--predict", str(image),
+         "--text", "the red circle"])  # fmt: skip
+    beside = rela_run / "a" / "scene_pred.png"
+    assert beside.is_file()
+    beside.unlink()
 
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
@@ -176,3 +187,100 @@ def test_help_lists_every_methods_ablations(capsys):
     out = capsys.readouterr().out
     for method in train.METHODS:
         assert f"{method}:" in out
+
+
+def test_unreadable_image_for_predict(capsys, rela_run, tmp_path):
+    ckpt = str(rela_run / "a" / "last.pt")
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not an image")
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((40, 60, 3), 120, np.uint8)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    for bad in (garbage, truncated):
+        argv = ["--method", "rela", "--resume", ckpt, "--predict", str(bad), "--text", "a circle"]
+        assert "not a readable image" in one_line_error(capsys, argv)
+
+
+def test_truncated_checkpoint(capsys, rela_run, tmp_path):
+    cut = tmp_path / "cut.pt"
+    blob = (rela_run / "a" / "last.pt").read_bytes()
+    cut.write_bytes(blob[: len(blob) // 2])
+    err = one_line_error(capsys, ["--method", "rela", "--eval-only", "--resume", str(cut)])
+    assert "not a checkpoint" in err
+
+
+def test_unknown_row_lists_the_rows(capsys):
+    err = one_line_error(capsys, ["--method", "rela", "--row", "Table 99 (z)"])
+    assert "unknown row 'Table 99 (z)'" in err
+
+
+def test_find_row_matches_the_id_token():
+    tables = {
+        "Table 3": {"(a) baseline": {"baseline": True}, "(b) more": {"ablate": ("x",)}},
+        "Table 3a": {"#1 one": {"set": {"P": 4}}},
+    }
+    assert train.find_row(tables, "Table 3 (b)")[1] == "(b) more"
+    assert train.find_row(tables, "Table 3a #1") == ("Table 3a", "#1 one", {"set": {"P": 4}})
+    assert train.find_row(tables, "Table 3 (a) baseline")[1] == "(a) baseline"
+
+
+def test_schedules_by_hand():
+    poly = {"schedule": "poly", "poly_power": 0.9}
+    assert train.lr_factor(0, 4, 0.0, poly) == 0.25  # warm-up: (step + 1) / warmup
+    assert train.lr_factor(10, 4, 0.5, poly) == pytest.approx(0.5**0.9)
+    cosine = {"schedule": "cosine"}
+    assert train.lr_factor(10, 0, 0.5, cosine) == pytest.approx(0.5)
+    assert train.lr_factor(10, 0, 1.0, cosine) == pytest.approx(0.0)
+    # Step decay x0.1 at epochs 18 and 25 of 30 (ASDA): milestones scale with the run's length.
+    step = {"schedule": "step", "milestones": (18, 25), "gamma": 0.1, "epochs": 30}
+    assert train.lr_factor(5, 0, 17 / 30, step) == 1.0
+    assert train.lr_factor(5, 0, 18 / 30, step) == pytest.approx(0.1)
+    assert train.lr_factor(5, 0, 26 / 30, step) == pytest.approx(0.01)
+
+
+class _Echo(torch.nn.Module):
+    """A fake method: the mask is the image's first channel > 0, or, if `reads_text`, that channel
+    only where the expression's first token is odd. No loss terms worth the name."""
+
+    def __init__(self, reads_text: bool):
+        super().__init__()
+        self.reads_text = reads_text
+
+    def forward(self, images, input_ids, attention_mask, targets=None):
+        logits = images[:, :1] * 10  # (B, 1, H, W)
+        if self.reads_text:
+            odd = (input_ids[:, 0] % 2 == 1).float()[:, None, None, None]
+            logits = torch.where(odd > 0, logits, torch.full_like(logits, -10.0))
+        return {"mask_logits": logits, "loss": torch.zeros(()), "losses": {}}
+
+
+def test_text_swap_iou_by_hand():
+    from types import SimpleNamespace
+
+    images = torch.full((4, 3, 4, 4), -1.0)
+    images[:, 0, :2, :2] = 1.0  # every image: a 2x2 object top-left
+    batch = {
+        "image": images,
+        "mask": torch.zeros(4, 4, 4),
+        "input_ids": torch.tensor([[1], [2], [3], [4]]),  # odd, even, odd, even
+        "attention_mask": torch.ones(4, 1, dtype=torch.long),
+        "no_target": torch.zeros(4, dtype=torch.bool),
+        "image_id": [0, 1, 2, 3],
+    }
+    batch["mask"][:, :2, :2] = 1.0
+    cfg, module = SimpleNamespace(threshold=0.5), SimpleNamespace()
+    args = (module, [batch], cfg, torch.device("cpu"), nullcontext(), True)
+    blind = train.evaluate(_Echo(reads_text=False), *args)
+    assert blind["text_swap_IoU"] == 1.0 and blind["mIoU"] == 1.0 and blind["swap_mIoU"] == 1.0
+    # Reading the text: sample i gets sample i+1's expression, odd <-> even, so every swapped
+    # prediction flips between the object (IoU 1 with GT) and nothing (IoU 0).
+    reader = train.evaluate(_Echo(reads_text=True), *args)
+    assert reader["text_swap_IoU"] == 0.0
+    assert reader["mIoU"] == 0.5 and reader["swap_mIoU"] == 0.5
+
+
+def test_swap_partners_skip_the_same_image():
+    assert train.swap_partners([7, 7, 8]) == [2, 2, 0]
+    assert train.swap_partners([5, 5]) == [-1, -1]
+    assert train.swap_partners([1]) == [-1]
