@@ -13,48 +13,72 @@ that attack the language-image "modality gap" at the level of single words and p
 2. The Cross-modal Alignment Module (CAM, §3.3, Eq. 5-11) at the end of every image and language
    stage: bidirectional pixel-word attention over a pyramid of pooled image maps {1, 2, 3, 6},
    upsampled, concatenated, mixed by an MLP and added back through a tanh gate to BOTH modalities.
-3. The Cross-modal Alignment Loss (CAL, §3.4, Eq. 12-14): InfoNCE between L2-normalised decoder
-   pixel features: foreground pixels pulled to the foreground mean and to the sentence feature,
-   pushed from background pixels (and background pixels pulled to the background mean).
+3. The Cross-modal Alignment Loss (CAL, §3.4, Eq. 12-14): InfoNCE between L2-normalised mask
+   features: foreground pixels pulled to the foreground mean and to the sentence feature, pushed
+   from background pixels (and background pixels pulled to the background mean).
 Loss (Eq. 15): 2 BCE + 2 Dice + 0.5 CAL + 1.0 grounding.
 
-Symbols (paper -> code). Shapes: B batch, L words, C channels, H, W feature map, V vocabulary.
-    T, I, M            input_ids (B, L), images (B, 3, H, W), GT mask centre `centre` (B, 2)
-    T_i, I_i           language / image input of stage i: `o` (B, L, C_t), `x` (B, H*W, C_i)
-    O_i, P_i           stage outputs (Eq. 5) before CAM; O, P, C in Eq. 1-4 = masked-text language
-                       features, image embedding, mask embedding
-    P_i^k              pooled + MLP'd image map at pyramid scale k (Eq. 6)
-    O_{i,p2t}, P_{i,t2p}   attention outputs for words / pixels (Eq. 7-9)
-    I (Eq. 12-14)      decoder mask features `feat` (B, D, H/4, W/4); I^+ / I^- = `pos` / `neg`
+Symbols (paper -> code). Shapes: B batch, L words, N pixels of a map, V vocabulary; channel widths
+are written d (d_i image stage i, d_t language, D decoder, D_g grounding predictor), so that C
+only ever means the mask embedding of Eq. 3 and P only ever means image features.
+    T, I, M            input_ids (B, L), images (B, 3, H, W), GT mask centre (B, 2)
+    O_i, P_i           language / image output of stage i before CAM (Eq. 5): `o` (B, L, d_t),
+                       `x` (B, N, d_i); O_{i+1}, P_{i+1} after CAM (Eq. 10-11)
+    O, P, C (Eq. 1-4)  masked-text features `O_masked` (B, L, d_t); text-free image embedding
+                       `P` = P_1 before CAM 1 (B, d_1, H/4, W/4); mask embedding `C` (B, 1, D_g)
+    P_i^k              pooled + MLP'd image map at pyramid scale k (Eq. 6): `P_k`
+    O_{i,p2t}, P_{i,t2p}   attention outputs for words / pixels (Eq. 7-9): `o_p2t`, `p_t2p`
+    I (Eq. 12-14)      mask features `I` (B, D, H/4, W/4) (signed); I^+ / I^- = `pos` / `neg`
     T_avg              projected mean word feature `t_avg` (B, D)
     tau_1, tau_2       Config.tau_p2p, Config.tau_p2t
 
-Paper tables as switches: --ablate no_mg | mlm_only (Table 3a), no_cam (3e 'None'), no_p2p | no_p2t
-(3f); --set cam_scales=1,2 (3e), --set predictor_layers=4 (3c); no_mg,no_cam,no_p2p,no_p2t = the
-LAVT baseline of Fig. 7 (with this file's decoder).
+Training recipe (paper §4 and supplementary; the release says "follow LAVT", see RECIPE): AdamW,
+lr 5e-5 for everything, wd 0.01, poly 0.9, 40 epochs, batch 32, 480 px; ablations (Table 3) at
+224 px for 10 epochs. train.py's demo recipe gives the pretrained encoders 0.1x the lr.
 
-Differences from the paper and the released code:
-- Decoder: LAVT-style conv decoder to 256-d stride-4 features, not the release's one-query
-  Mask2Former (one query and no language input: bulk that is not part of the paper's ideas).
-- tau_1 = tau_2 = 0.1 (the paper gives none): the value of the pixel-contrast work [59] it cites.
+Paper tables as switches (TABLES below, `train.py --row "Table 3a MG"`): every Table 3 row is the
+LAVT baseline (--ablate no_mg,no_cam,no_p2p,no_p2t) plus one component.
+
+Differences from the paper and the released code.
+The paper is silent:
+- tau_1 = tau_2 = 0.1: the value of the pixel-contrast work [59] it cites.
 - Eq. 13-14 are printed without a log; we use InfoNCE's -log, as the contrastive losses it cites.
 - Masking: max(1, round(0.15 n)) of the n word tokens, BERT's original rule (ovr-cnn's per-token
   Bernoulli(0.15) leaves ~half of the 3-4-word expressions unmasked); never [CLS]/[SEP]/padding.
-- Masked words always become [MASK] (the paper's "learnable mask token"), no 80/10/10: the
-  segmentation pass always sees clean text, so there is no pretrain/fine-tune mismatch to fix.
-- BERT is split into 4 stages of num_hidden_layers / 4 layers (paper 12/4 = 3, tiny 4/4 = 1);
-  Swin stage i, then BERT stage i, then CAM i, the release's interleaving.
-- Eq. 1's second language pass is plain BERT (no CAM): "+4.76%" only fits a language-only pass.
-- P of Eq. 2 = the decoder's stride-32 256-d map (predictor width 256; the release keeps a
-  Linear(768, 256)); image tokens are position-embedded by the mask encoder at their own centres.
-- Mask centre M = centre of mass in [0, 1]^2; an empty (no-target) mask gets (-1, -1), off-image.
+- Masked words always become [MASK] (the paper's "learnable mask token"), no 80/10/10.
+- P of Eq. 2 = the image features of stage 1 before any fusion, average-pooled to a
+  grounding_grid x grounding_grid map: the only text-free image features of the one forward pass
+  (a second, fusion-free Swin pass would cost far more than the paper's "+4.76%"). A fused map
+  would let the predictor read the unmasked expression back out of P.
+- O, P and the mask embedding are projected to the predictor width D_g (the release keeps an
+  unused Linear(768, 256)); image tokens get the mask encoder's embedding of their own centres.
+- Mask centre M = centre of mass in [0, 1]^2; an empty (no-target) mask gets (-1, -1).
 - Vocabulary head = BERT's MLM head tied to BERT's word embeddings (the release imports it).
-- CAM also concatenates a full-resolution branch (the release's PWAM output; Eq. 9 lists only the
-  pyramid), and every branch uses LAVT's PWAM form (attended words x projected pixels).
-- Eq. 10-11's tanh(MLP(.)) is LAVT's gate x + tanh(gate(F)) * F, F = MLP(concat); random init.
-- No image gate after the last stage (nothing reads it, as ReLA); the decoder reads LayerNorm(F).
-- GroupNorm instead of LAVT's BatchNorm in the decoder (no train/eval gap at small batches).
+- Eq. 1's second language pass is plain BERT (no CAM): "+4.76%" only fits a language-only pass.
 - CAL uses every stride-4 pixel, sample by sample (at 480 px up to 52M pixel pairs per sample).
+- Table 3a "MaskedVLM" is built as grounding with language + image context and no mask signal;
+  the masked-vision half of MaskedVLM [37] is not built.
+The release differs (yxchng/mask-grounding, eval-only; our choice first):
+- Decoder: LAVT-style conv decoder to D-wide stride-4 features + a signed 1x1 "mask features"
+  conv (as the release's) that CAL reads, not the release's one-query Mask2Former.
+- CAM updates the image stream with the gated mixer output (Eq. 11); the release updates it with
+  the gated full-resolution PWAM output only and sends the mixer output to the decoder.
+- CAM's language side runs the whole pyramid (Eq. 7-8); the release's is one full-res PWAM.
+- CAM concatenates the full-resolution branch (the release's PWAM output; Eq. 9 lists only the
+  pyramid), and every branch uses LAVT's PWAM form (attended words x projected pixels).
+- The decoder reads LayerNorm(mixer output) (LAVT's norm{i}); the release reads it without norm.
+- Eq. 10-11's tanh(MLP(.)) is LAVT's gate x + tanh(gate(F)) * F, F = MLP(concat); random init.
+- Under no_cam (the LAVT baseline) BERT stays interleaved: Swin stage i reads BERT stage i's
+  output (LAVT reads the final BERT output in every stage).
+- GroupNorm instead of LAVT's BatchNorm in the decoder (no train/eval gap at small batches).
+- No image gate after the last stage (nothing reads it, as ReLA).
+- Eq. 14 prints I_avg where T_avg (the projected sentence feature) is meant; we use T_avg.
+We deviate on purpose (the 64 px demo, found by measurement; see tests and issue 12):
+- BERT: 4 layers = 1 per stage for the 4 CAM stages (paper 12 = 3 per stage).
+- The CAL weight ramps linearly from 0 over cal_warmup steps (tiny: 1000): at full weight from
+  step 0 the contrast settles first on "every shape vs background", a text-blind map.
+- The mask head starts at p = mask_prior (tiny 0.03, the demo's foreground share), not 0.5.
+- Predictor: 2 layers, 4 heads, D_g = 64 (paper 8 layers, Table 3c).
 
 Reference code: https://github.com/yxchng/mask-grounding (eval only), https://github.com/yz93/LAVT-RIS
 """
@@ -65,7 +89,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,12 +99,11 @@ import common
 TEXT_ENCODER = "bert"
 
 ABLATIONS: dict[str, str] = {
-    "no_mg": "no Mask Grounding auxiliary task (Table 3a 'Baseline', Fig. 7)",
-    "mlm_only": "Mask Grounding with language context only = plain MLM (Table 3a 'MLM')",
-    "no_cam": "LAVT's one-way pixel-word attention instead of CAM (Table 3e 'None'); "
-    "pyramid subsets via --set cam_scales=1,2",
-    "no_p2p": "drop the pixel-to-pixel term of CAL (Table 3f)",
-    "no_p2t": "drop the pixel-to-text term of CAL (Table 3f)",
+    "no_mg": "no Mask Grounding auxiliary task",
+    "mlm_only": "Mask Grounding with language context only = plain masked language modelling",
+    "no_cam": "LAVT's one-way pixel-word attention + gate instead of CAM",
+    "no_p2p": "drop the pixel-to-pixel term of CAL",
+    "no_p2t": "drop the pixel-to-text term of CAL",
 }
 
 
@@ -112,19 +134,24 @@ class Config:
     ablate: tuple[str, ...] = ()
     drop_path_rate: float = 0.3  # Swin-B stochastic depth, LAVT
     mask_token_id: int = 103  # [MASK] of bert-base-uncased; train.py sets tokenizer.mask_token_id
+    # Mask Grounding (§3.2)
+    mask_ratio: float = 0.15  # fraction of word tokens masked (BERT)
+    mask_input: str = "centre"  # Table 3b: "centre" | "average" (| "none": 3a MaskedVLM row)
+    grounding_grid: int = 15  # P pooled to 15 x 15 cells (stride 32 at 480 px)
+    predictor_dim: int = 256  # D_g (the release's Linear(768, 256))
+    predictor_layers: int = 8  # Table 3c: 4 / 8 / 12
+    predictor_heads: int = 8
     # Cross-modal Alignment Module (§3.3)
     cam_scales: tuple[int, ...] = (1, 2, 3, 6)  # pyramid pooling sizes, Table 3e
     cam_heads: int = 1  # X-MHA heads; paper gives none, the release's PWAMs use one
-    cam_mlp_ratio: int = 4  # hidden width of MLP_k (Eq. 6) = ratio * C, as the release
-    # Decoder
-    decoder_dim: int = 256  # D: mask-feature width C_L (the release's mask_dim 256)
-    # Mask Grounding (§3.2)
-    mask_ratio: float = 0.15  # fraction of word tokens masked (BERT)
-    predictor_layers: int = 8  # Table 3c: 4 / 8 / 12
-    predictor_heads: int = 8
+    cam_mlp_ratio: int = 4  # hidden width of MLP_k (Eq. 6) = ratio * d_i, as the release
     # Cross-modal Alignment Loss (§3.4): temperatures not given in the paper (see docstring)
     tau_p2p: float = 0.1  # tau_1
     tau_p2t: float = 0.1  # tau_2
+    cal_warmup: int = 0  # steps over which lambda_cal ramps from 0 (paper: none)
+    # Decoder
+    decoder_dim: int = 256  # D: mask-feature width C_L (the release's mask_dim 256)
+    mask_prior: float = 0.5  # initial foreground probability of the mask head (torch default)
     # Eq. (15) loss weights
     lambda_bce: float = 2.0
     lambda_dice: float = 2.0
@@ -137,95 +164,194 @@ class Config:
 
     @classmethod
     def tiny(cls) -> Config:
+        """The 64 px demo: the shared tiny Swin and BERT pretrained on the synthetic world."""
         return cls(
             image_size=64,
-            vocab_size=128,
-            pretrained=False,
-            vision_config=dict(
-                embed_dim=16,
-                depths=[1, 1, 1, 1],
-                num_heads=[1, 2, 4, 8],
-                window_size=4,
+            vocab_size=60,  # the world's word-level BERT tokenizer; train.py sets len(tokenizer)
+            vision_name="pretrained/tiny-swin",
+            text_name="pretrained/tiny-bert",
+            vision_config=dict(  # = pretrained/tiny-swin, for --no-pretrained
                 image_size=64,
                 patch_size=4,
+                num_channels=3,
+                embed_dim=32,
+                depths=[2, 2, 2, 2],
+                num_heads=[1, 2, 4, 8],
+                window_size=4,
+                mlp_ratio=4.0,
             ),
-            text_config=dict(
-                hidden_size=32,
+            text_config=dict(  # = pretrained/tiny-bert: 4 layers, one per CAM stage
+                hidden_size=64,
                 num_hidden_layers=4,
-                num_attention_heads=2,
-                intermediate_size=64,
+                num_attention_heads=4,
+                intermediate_size=256,
                 max_position_embeddings=32,
             ),
             drop_path_rate=0.0,
             mask_token_id=4,  # the offline tokenizer's [MASK]
-            decoder_dim=32,
+            grounding_grid=8,  # stride 8 at 64 px
+            predictor_dim=64,
             predictor_layers=2,
-            predictor_heads=2,
+            predictor_heads=4,
+            decoder_dim=32,
+            mask_prior=0.03,
+            cal_warmup=1000,
         )
+
+
+# The paper's ablations (Table 3, RefCOCO val / RefCOCO+ val oIoU, Swin-B, 224 px, 10 epochs).
+# Every row is LAVT plus one component; LAVT here = this file with MG, CAM and CAL switched off.
+LAVT = ("no_mg", "no_cam", "no_p2p", "no_p2t")
+_SETTING = "paper: 224x224 input, 10 epochs (§4.4); --set image_size=224 --epochs 10 on RefCOCO"
+_NO_MG = ("no_cam", "no_p2p", "no_p2t")  # LAVT + Mask Grounding
+_LAVT_ROW = {"ablate": LAVT, "paper": {"oIoU": 67.08, "oIoU_refcoco+": 55.98}, "baseline": True,
+             "note": _SETTING}  # fmt: skip
+TABLES = {
+    "Table 3a": {  # Mask Grounding vs masked (vision-)language modelling
+        "Baseline LAVT": _LAVT_ROW,
+        "+MLM LAVT + masked language modelling": {
+            "ablate": _NO_MG + ("mlm_only",),
+            "paper": {"oIoU": 67.31, "oIoU_refcoco+": 55.69},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+        "+MaskedVLM LAVT + masked prediction from language and image, no mask signal": {
+            "ablate": _NO_MG,
+            "set": {"mask_input": "none"},
+            "paper": {"oIoU": 67.33, "oIoU_refcoco+": 56.13},  # RefCOCO val / RefCOCO+ val
+            "note": "MaskedVLM [37] also reconstructs masked image patches: not built. " + _SETTING,
+        },
+        "+MG LAVT + Mask Grounding": {
+            "ablate": _NO_MG,
+            "paper": {"oIoU": 68.52, "oIoU_refcoco+": 57.26},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+    },
+    "Table 3b": {  # mask encoder input
+        "None LAVT": _LAVT_ROW,
+        "Average mask-averaged image features": {
+            "ablate": _NO_MG,
+            "set": {"mask_input": "average"},
+            "paper": {"oIoU": 68.19, "oIoU_refcoco+": 56.98},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+        "Center mask centre coordinates": {
+            "ablate": _NO_MG,
+            "paper": {"oIoU": 68.52, "oIoU_refcoco+": 57.26},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+    },
+    "Table 3c": {  # depth of the masked token predictor
+        "None LAVT": _LAVT_ROW,
+        "4 predictor layers": {
+            "ablate": _NO_MG,
+            "set": {"predictor_layers": 4},
+            "paper": {"oIoU": 67.14, "oIoU_refcoco+": 57.19},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+        "8 predictor layers": {
+            "ablate": _NO_MG,
+            "set": {"predictor_layers": 8},
+            "paper": {"oIoU": 68.52, "oIoU_refcoco+": 57.26},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+        "12 predictor layers": {
+            "ablate": _NO_MG,
+            "set": {"predictor_layers": 12},
+            "paper": {"oIoU": 66.92, "oIoU_refcoco+": 55.95},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+    },
+    "Table 3d": {  # Mask Grounding on other RIS methods
+        "LAVT": _LAVT_ROW,
+        "LAVT+MG": {
+            "ablate": _NO_MG,
+            "paper": {"oIoU": 68.52, "oIoU_refcoco+": 57.26},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+        "ReLA": {
+            "skip": "ReLA is rela.py (train.py --method rela)",
+            "paper": {"oIoU": 66.23, "oIoU_refcoco+": 53.69},  # RefCOCO val / RefCOCO+ val
+        },
+        "ReLA+MG": {
+            "skip": "Mask Grounding is not built into rela.py",
+            "paper": {"oIoU": 67.33, "oIoU_refcoco+": 55.21},  # RefCOCO val / RefCOCO+ val
+        },
+        "CRIS": {
+            "skip": "CRIS is the main branch of cm_masksd.py, without Mask Grounding",
+            "paper": {"oIoU": 64.67, "oIoU_refcoco+": 54.84},  # RefCOCO val / RefCOCO+ val
+        },
+        "CRIS+MG": {
+            "skip": "Mask Grounding is not built into cm_masksd.py",
+            "paper": {"oIoU": 65.50, "oIoU_refcoco+": 56.23},  # RefCOCO val / RefCOCO+ val
+        },
+    },
+    "Table 3e": {  # CAM pyramid scales; every row keeps CAM's full-resolution branch
+        "None LAVT (one-way pixel-word attention)": _LAVT_ROW,
+        "{1} CAM, pyramid scale 1": {
+            "ablate": ("no_mg", "no_p2p", "no_p2t"),
+            "set": {"cam_scales": (1,)},
+            "paper": {"oIoU": 67.18, "oIoU_refcoco+": 56.20},  # RefCOCO val / RefCOCO+ val
+            "note": "plus the full-resolution branch. " + _SETTING,
+        },
+        "{1,2} CAM, pyramid scales 1, 2": {
+            "ablate": ("no_mg", "no_p2p", "no_p2t"),
+            "set": {"cam_scales": (1, 2)},
+            "paper": {"oIoU": 67.44, "oIoU_refcoco+": 56.46},  # RefCOCO val / RefCOCO+ val
+            "note": "plus the full-resolution branch. " + _SETTING,
+        },
+        "{1,2,3} CAM, pyramid scales 1, 2, 3": {
+            "ablate": ("no_mg", "no_p2p", "no_p2t"),
+            "set": {"cam_scales": (1, 2, 3)},
+            "paper": {"oIoU": 67.79, "oIoU_refcoco+": 56.74},  # RefCOCO val / RefCOCO+ val
+            "note": "plus the full-resolution branch. " + _SETTING,
+        },
+        "{1,2,3,6} CAM, pyramid scales 1, 2, 3, 6": {
+            "ablate": ("no_mg", "no_p2p", "no_p2t"),
+            "set": {"cam_scales": (1, 2, 3, 6)},
+            "paper": {"oIoU": 68.06, "oIoU_refcoco+": 57.04},  # RefCOCO val / RefCOCO+ val
+            "note": "plus the full-resolution branch. " + _SETTING,
+        },
+    },
+    "Table 3f": {  # Cross-modal Alignment Loss terms
+        "None LAVT (no CAL)": _LAVT_ROW,
+        "P2P LAVT + L_P2P": {
+            "ablate": ("no_mg", "no_cam", "no_p2t"),
+            "paper": {"oIoU": 67.63, "oIoU_refcoco+": 56.87},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+        "P2T LAVT + L_P2T": {
+            "ablate": ("no_mg", "no_cam", "no_p2p"),
+            "paper": {"oIoU": 68.27, "oIoU_refcoco+": 57.22},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+        "P2P+P2T LAVT + L_CAL": {
+            "ablate": ("no_mg", "no_cam"),
+            "paper": {"oIoU": 68.44, "oIoU_refcoco+": 57.61},  # RefCOCO val / RefCOCO+ val
+            "note": _SETTING,
+        },
+    },
+}
+
+# The release has no training code and its README says "follow LAVT": LAVT's recipe
+# [LAVT: README.md, args.py, train.py]; the paper adds nothing beyond the loss weights (§3.5).
+RECIPE = {
+    "optimizer": "adamw",  # LAVT train.py
+    "lr": 5e-5,  # LAVT args.py; MagNet args.py keeps the default
+    "encoder_lr_factor": 1.0,  # LAVT trains Swin, BERT and the new layers at one lr (the demo: 0.1)
+    "weight_decay": 0.01,  # LAVT args.py (0 on Swin norms / position tables: not reproduced)
+    "schedule": "poly",  # LAVT train.py, per iteration
+    "poly_power": 0.9,  # LAVT train.py
+    "warmup": 0,  # LAVT: none
+    "epochs": 40,  # LAVT README / args.py (ablations: 10, paper §4.4)
+    "batch_size": 32,  # LAVT: 8 per GPU x 4 GPUs
+    "grad_clip": 0.0,  # LAVT: none
+    # LAVT's optimizer leaves out BERT's embeddings and its last two layers (used, never updated).
+    "frozen": ("bert.embeddings.", "bert.encoder.layer.10.", "bert.encoder.layer.11."),
+}
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: encoders and masks
-
-
-# Copied from rela.from_pretrained
-def from_pretrained(model_cls, name: str, **kwargs):
-    """`model_cls.from_pretrained(name)` for a Hub id or a folder, with one clear line on failure.
-
-    A relative folder is read from the repository (the demo's `pretrained/tiny-*`), so runs and
-    checkpoints work from any directory."""
-    local = Path(__file__).resolve().parent / name
-    if local.is_dir():
-        name = str(local)
-    try:
-        return model_cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError):
-        raise RuntimeError(
-            f"could not load '{name}': not a folder here and the Hugging Face Hub is unreachable "
-            "(no network?). Use --preset tiny, pass a local folder, or --no-pretrained for random "
-            "weights."
-        ) from None
-
-
-def build_encoders(cfg: Config) -> tuple[SwinModel, BertModel]:
-    """Swin (image) and BERT (language) from the Hub / a local dir, or randomly initialised."""
-    if cfg.pretrained:
-        swin = from_pretrained(
-            SwinModel, cfg.vision_name, add_pooling_layer=False, drop_path_rate=cfg.drop_path_rate
-        )
-        bert = from_pretrained(BertModel, cfg.text_name, add_pooling_layer=False)
-    else:
-        swin_cfg = SwinConfig(**cfg.vision_config, drop_path_rate=cfg.drop_path_rate)
-        swin = SwinModel(swin_cfg, add_pooling_layer=False)
-        bert = BertModel(BertConfig(**cfg.text_config, vocab_size=cfg.vocab_size), False)
-    # SwinModel's final LayerNorm normalises its pooled output, which we never compute (we run the
-    # stages one by one): frozen on purpose, so it neither decays nor lacks a gradient.
-    swin.layernorm.requires_grad_(False)
-    return swin, bert
-
-
-def swin_stage_blocks(stage: nn.Module, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Run the Swin blocks of one stage (transformers 5.23 SwinStage.blocks), no patch merging.
-
-    x: (B, H*W, C) -> (B, H*W, C). always_partition=True keeps the configured window even when the
-    map is smaller (what SwinBackbone does; tiny maps would otherwise crash). A SwinLayer returns
-    (hidden_states, attn_weights); tests/test_magnet.py checks this against SwinModel's own pass.
-    """
-    for block in stage.blocks:
-        x = block(x, hw, always_partition=True)[0]
-    return x
-
-
-def bert_extended_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L) 0/1 -> (B, 1, 1, L) additive mask: 0 for words, a very negative number for padding."""
-    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
-
-def bert_layers(layers, o: torch.Tensor, ext_mask: torch.Tensor) -> torch.Tensor:
-    """Run a slice of BertModel.encoder.layer; in transformers 5.23 a BertLayer returns a tensor."""
-    for layer in layers:
-        o = layer(o, attention_mask=ext_mask)
-    return o
+# Mask Grounding (§3.2, Fig. 3, Eq. 1-4)
 
 
 def mask_words(
@@ -239,7 +365,7 @@ def mask_words(
 
     Words are the attended positions except [CLS] (position 0) and [SEP] (the last attended one).
     Returns the masked ids (B, L) and the boolean selection (B, L). A fixed `generator` (CPU) gives
-    the same words every call (used for the visualisation in eval mode).
+    the same words every call (used for the diagnostics in eval mode).
     """
     B, L = input_ids.shape
     valid = attention_mask.bool()
@@ -275,6 +401,69 @@ def grid_centres(h: int, w: int, device) -> torch.Tensor:
     return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
 
 
+def mlp2(d_in: int, d: int) -> nn.Sequential:
+    """The 2-layer MLP of the mask encoder (§3.2)."""
+    return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d))
+
+
+class MaskGrounding(nn.Module):
+    """Masked Token Predictor over Concat([O, P, C]) (Eq. 4) with a BERT-style vocabulary head.
+
+    use_image=False is the "MLM" ablation (language tokens only). mask_input: "centre" (the paper:
+    C = MaskEncoder(centre of the GT mask)), "average" (Table 3b: C from the image features
+    averaged inside the GT mask) or "none" (no C token: the "MaskedVLM" row of Table 3a).
+    """
+
+    def __init__(self, d_img, d_t, D_g, vocab_size, layers, heads, use_image, mask_input):
+        super().__init__()
+        if mask_input not in ("centre", "average", "none"):
+            raise ValueError(f"mask_input must be centre, average or none, not {mask_input!r}")
+        self.use_image, self.mask_input = use_image, mask_input
+        self.lang_proj = nn.Linear(d_t, D_g)  # language embedding -> predictor width
+        if use_image:
+            self.image_proj = nn.Linear(d_img, D_g)
+            # Eq. (3): 2-layer MLP on the (x, y) mask centre; it also embeds the image tokens'
+            # own centres, so C and the image tokens share one frame of reference.
+            self.mask_encoder = mlp2(2, D_g)
+            if mask_input == "average":
+                self.average_encoder = mlp2(D_g, D_g)
+            self.type_embed = nn.Embedding(3, D_g)  # language / image / mask token types, as BERT
+        layer = nn.TransformerEncoderLayer(
+            D_g, heads, 4 * D_g, dropout=0.1, activation="gelu", batch_first=True
+        )
+        self.predictor = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        # BERT's MLM head: dense-GELU-LayerNorm, then the (tied) word-embedding matrix + a bias.
+        self.lm_transform = nn.Sequential(nn.Linear(D_g, d_t), nn.GELU(), nn.LayerNorm(d_t))
+        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, O, text_mask, selected, P, masks, word_embeddings):
+        """O: (B, L, d_t) masked-text features (Eq. 1); P: (B, d_img, g, g) text-free image
+        embedding (Eq. 2); masks: (B, H, W) GT masks, M = their centres (Eq. 3); selected: (B, L)
+        masked positions. Returns vocabulary logits at the masked positions, (n_masked, V)."""
+        B, L, _ = O.shape
+        tokens, pad = self.lang_proj(O), text_mask == 0  # (B, L, D_g)
+        if self.use_image:
+            g = P.shape[-1]
+            tokens = tokens + self.type_embed.weight[0]
+            pos = self.mask_encoder(grid_centres(g, g, P.device))  # (g*g, D_g)
+            P = self.image_proj(P.flatten(2).transpose(1, 2))  # (B, g*g, D_g)
+            context = [P + pos + self.type_embed.weight[1]]
+            if self.mask_input == "centre":
+                C = self.mask_encoder(mask_centre(masks))[:, None]  # Eq. (3): (B, 1, D_g)
+                context.append(C + self.type_embed.weight[2])
+            elif self.mask_input == "average":  # Table 3b "Average"
+                cell = F.adaptive_avg_pool2d(masks[:, None].float(), g).flatten(1)  # (B, g*g)
+                avg = (cell[..., None] * P).sum(1) / cell.sum(1, keepdim=True).clamp(min=1e-6)
+                C = self.average_encoder(avg)[:, None]  # (B, 1, D_g)
+                context.append(C + self.type_embed.weight[2])
+            context = torch.cat(context, 1)  # (B, g*g [+ 1], D_g)
+            tokens = torch.cat([tokens, context], 1)  # Concat([O, P, C])
+            pad = torch.cat([pad, pad.new_zeros(B, context.shape[1])], 1)
+        out = self.predictor(tokens, src_key_padding_mask=pad)[:, :L]  # (B, L, D_g)
+        h_masked = self.lm_transform(out[selected])  # (n_masked, d_t)
+        return h_masked @ word_embeddings.t() + self.lm_bias  # (n_masked, V)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cross-modal Alignment Module (§3.3, Fig. 4, Eq. 5-11)
 
@@ -288,20 +477,20 @@ class XMHA(nn.Module):
     features, then projected.
     """
 
-    def __init__(self, c_v: int, c_t: int, dim: int, heads: int, bidirectional: bool):
+    def __init__(self, d_v: int, d_t: int, dim: int, heads: int, bidirectional: bool):
         super().__init__()
         self.heads, self.bidirectional = heads, bidirectional
-        self.q, self.k = nn.Linear(c_v, dim), nn.Linear(c_t, dim)
-        self.value_t = nn.Linear(c_t, dim)  # words as values for the pixels
-        self.proj_v = nn.Sequential(nn.Linear(c_v, dim), nn.GELU())
+        self.q, self.k = nn.Linear(d_v, dim), nn.Linear(d_t, dim)
+        self.value_t = nn.Linear(d_t, dim)  # words as values for the pixels
+        self.proj_v = nn.Sequential(nn.Linear(d_v, dim), nn.GELU())
         self.out_v = nn.Linear(dim, dim)
         if bidirectional:
-            self.value_v = nn.Linear(c_v, dim)  # pixels as values for the words
-            self.proj_t = nn.Sequential(nn.Linear(c_t, dim), nn.GELU())
+            self.value_v = nn.Linear(d_v, dim)  # pixels as values for the words
+            self.proj_t = nn.Sequential(nn.Linear(d_t, dim), nn.GELU())
             self.out_t = nn.Linear(dim, dim)
 
     def forward(self, p: torch.Tensor, o: torch.Tensor, pad: torch.Tensor):
-        """p: (B, N, c_v) pixels; o: (B, L, c_t) words; pad: (B, L) True at padding.
+        """p: (B, N, d_v) pixels; o: (B, L, d_t) words; pad: (B, L) True at padding.
 
         Returns P_t2p (B, N, dim) and O_p2t (B, L, dim) (None when one-way)."""
         B, N, _ = p.shape
@@ -338,142 +527,62 @@ class CAM(nn.Module):
     P_{i+1} has no next stage to feed (ReLA drops it too; LAVT computes it and throws it away).
     """
 
-    def __init__(self, c_v, c_t, scales, heads, mlp_ratio, bidirectional=True, update_image=True):
+    def __init__(self, d_v, d_t, scales, heads, mlp_ratio, bidirectional=True, update_image=True):
         super().__init__()
         self.scales, self.bidirectional = tuple(scales), bidirectional
-        self.norm_v, self.norm_t = nn.LayerNorm(c_v), nn.LayerNorm(c_t)
-        c_k = c_v // 4  # width of a pyramid branch (the release: dim / 4)
-        self.full = XMHA(c_v, c_t, c_v, heads, bidirectional)  # full-resolution branch
-        # MLP_k of Eq. (6): 3 layers, as the release (C -> r*C -> C -> C/4)
+        self.norm_v, self.norm_t = nn.LayerNorm(d_v), nn.LayerNorm(d_t)
+        d_k = d_v // 4  # width of a pyramid branch (the release: dim / 4)
+        self.full = XMHA(d_v, d_t, d_v, heads, bidirectional)  # full-resolution branch
+        # MLP_k of Eq. (6): 3 layers, as the release (d -> r*d -> d -> d/4)
         self.mlp_k = nn.ModuleList(
             nn.Sequential(
-                nn.Linear(c_v, mlp_ratio * c_v, bias=False),
-                nn.LayerNorm(mlp_ratio * c_v),
-                nn.Linear(mlp_ratio * c_v, c_v),
+                nn.Linear(d_v, mlp_ratio * d_v, bias=False),
+                nn.LayerNorm(mlp_ratio * d_v),
+                nn.Linear(mlp_ratio * d_v, d_v),
                 nn.GELU(),
-                nn.Linear(c_v, c_k),
+                nn.Linear(d_v, d_k),
             )
             for _ in self.scales
         )
-        self.xmha_k = nn.ModuleList(XMHA(c_k, c_t, c_k, heads, bidirectional) for _ in self.scales)
-        c_cat = c_v + len(self.scales) * c_k
+        self.xmha_k = nn.ModuleList(XMHA(d_k, d_t, d_k, heads, bidirectional) for _ in self.scales)
+        d_cat = d_v + len(self.scales) * d_k
         # The 2-layer MLPs of Eq. (10)-(11) that bring the concatenation back to the stage width.
         self.mlp_v = nn.Sequential(
-            nn.Linear(c_cat, c_v), nn.LayerNorm(c_v), nn.Linear(c_v, c_v), nn.GELU()
+            nn.Linear(d_cat, d_v), nn.LayerNorm(d_v), nn.Linear(d_v, d_v), nn.GELU()
         )
-        self.gate_v = tanh_gate(c_v) if update_image else None
+        self.gate_v = tanh_gate(d_v) if update_image else None
         if bidirectional:
             self.mlp_t = nn.Sequential(
-                nn.Linear(c_cat, c_t), nn.LayerNorm(c_t), nn.Linear(c_t, c_t), nn.GELU()
+                nn.Linear(d_cat, d_t), nn.LayerNorm(d_t), nn.Linear(d_t, d_t), nn.GELU()
             )
-            self.gate_t = tanh_gate(c_t)
+            self.gate_t = tanh_gate(d_t)
 
     def forward(self, P_i, O_i, hw, text_mask):
-        """P_i: (B, H*W, C) image stage output; O_i: (B, L, C_t) language stage output;
+        """P_i: (B, N, d_v) image stage output; O_i: (B, L, d_t) language stage output;
         text_mask: (B, L) 1 on words. Returns P_{i+1}, O_{i+1} (same shapes) and the fused image
-        feature F (B, H*W, C) that the decoder sees."""
-        B, N, C = P_i.shape
+        feature F_v (B, N, d_v) that the decoder sees."""
+        B, N, d = P_i.shape
         H, W = hw
         pad = text_mask == 0
         p, o = self.norm_v(P_i), self.norm_t(O_i)
-        p_t2p, o_p2t = self.full(p, o, pad)  # (B, N, C), (B, L, C)
+        p_t2p, o_p2t = self.full(p, o, pad)  # (B, N, d), (B, L, d)
         p_list, o_list = [p_t2p], [o_p2t]
-        p_map = p.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        p_map = p.transpose(1, 2).reshape(B, d, H, W)  # (B, d, H, W)
         for k, mlp, xmha in zip(self.scales, self.mlp_k, self.xmha_k, strict=True):
-            pooled = F.adaptive_avg_pool2d(p_map, k).flatten(2).transpose(1, 2)  # (B, k*k, C)
-            P_k = mlp(pooled)  # Eq. (6): (B, k*k, C/4)
-            p_k, o_k = xmha(P_k, o, pad)  # Eq. (7): (B, k*k, C/4), (B, L, C/4)
-            p_k = p_k.transpose(1, 2).reshape(B, -1, k, k)  # (B, C/4, k, k)
+            pooled = F.adaptive_avg_pool2d(p_map, k).flatten(2).transpose(1, 2)  # (B, k*k, d)
+            P_k = mlp(pooled)  # Eq. (6): (B, k*k, d/4)
+            p_k, o_k = xmha(P_k, o, pad)  # Eq. (7): (B, k*k, d/4), (B, L, d/4)
+            p_k = p_k.transpose(1, 2).reshape(B, -1, k, k)  # (B, d/4, k, k)
             p_k = F.interpolate(p_k, size=(H, W), mode="bilinear", align_corners=False)  # Up
-            p_list.append(p_k.flatten(2).transpose(1, 2))  # (B, N, C/4)
+            p_list.append(p_k.flatten(2).transpose(1, 2))  # (B, N, d/4)
             o_list.append(o_k)
-        F_v = self.mlp_v(torch.cat(p_list, -1))  # Eq. (9) concat + MLP: (B, N, C)
+        F_v = self.mlp_v(torch.cat(p_list, -1))  # Eq. (9) concat + MLP: (B, N, d)
         P_next = P_i if self.gate_v is None else P_i + self.gate_v(F_v) * F_v  # Eq. (11)
         if not self.bidirectional:
             return P_next, O_i, F_v
-        F_t = self.mlp_t(torch.cat(o_list, -1))  # Eq. (8) concat + MLP: (B, L, C_t)
+        F_t = self.mlp_t(torch.cat(o_list, -1))  # Eq. (8) concat + MLP: (B, L, d_t)
         O_next = O_i + self.gate_t(F_t) * F_t * text_mask[..., None]  # Eq. (10), words only
         return P_next, O_next, F_v
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoder (LAVT's SimpleDecoding pattern) to stride-4 mask features
-
-
-def conv_gn_relu(c_in: int, c_out: int, k: int = 3) -> list[nn.Module]:
-    return [
-        nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False),
-        nn.GroupNorm(min(32, c_out // 4), c_out),
-        nn.ReLU(),
-    ]
-
-
-class Decoder(nn.Module):
-    """Top-down: project stage 4 to D, then [upsample, concat stage i, 2 x conv3x3] for i = 3, 2, 1.
-
-    Returns the mask features I (B, D, H/4, W/4), the mask logits (B, 1, H/4, W/4) and the
-    stride-32 image embedding (B, D, H/32, W/32) that Mask Grounding uses as P.
-    """
-
-    def __init__(self, dims: list[int], D: int):
-        super().__init__()
-        self.proj = nn.Sequential(*conv_gn_relu(dims[-1], D, k=1))
-        self.fuse = nn.ModuleList(
-            nn.Sequential(*conv_gn_relu(D + c, D), *conv_gn_relu(D, D)) for c in dims[-2::-1]
-        )
-        self.mask_head = nn.Conv2d(D, 1, 1)
-
-    def forward(self, feats: list[torch.Tensor]):
-        embedding = y = self.proj(feats[-1])  # (B, D, H/32, W/32)
-        for fuse, skip in zip(self.fuse, feats[-2::-1], strict=True):
-            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            y = fuse(torch.cat([y, skip], 1))  # (B, D, H_i, W_i)
-        return y, self.mask_head(y), embedding
-
-
-# ---------------------------------------------------------------------------------------------
-# Mask Grounding (§3.2, Fig. 3, Eq. 1-4)
-
-
-class MaskGrounding(nn.Module):
-    """Masked Token Predictor over Concat([O, P, C]) (Eq. 4) with a BERT-style vocabulary head.
-
-    use_context=False is the "MLM" ablation: the predictor sees the language tokens only.
-    """
-
-    def __init__(self, c_t, D, vocab_size, layers, heads, use_context=True):
-        super().__init__()
-        self.use_context = use_context
-        self.lang_proj = nn.Linear(c_t, D)  # language embedding -> image-embedding width
-        if use_context:
-            # Eq. (3): 2-layer MLP on the (x, y) mask centre; also embeds image-token positions.
-            self.mask_encoder = nn.Sequential(nn.Linear(2, D), nn.ReLU(), nn.Linear(D, D))
-            self.type_embed = nn.Embedding(3, D)  # language / image / mask token types, as BERT
-        layer = nn.TransformerEncoderLayer(
-            D, heads, 4 * D, dropout=0.1, activation="gelu", batch_first=True
-        )
-        self.predictor = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        # BERT's MLM head: dense-GELU-LayerNorm, then the (tied) word-embedding matrix + a bias.
-        self.lm_transform = nn.Sequential(nn.Linear(D, c_t), nn.GELU(), nn.LayerNorm(c_t))
-        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, O, text_mask, selected, P, centre, word_embeddings):
-        """O: (B, L, C_t) masked-text features (Eq. 1); P: (B, D, h, w) image embedding (Eq. 2);
-        centre: (B, 2) (Eq. 3); selected: (B, L) masked positions.
-        Returns vocabulary logits at the masked positions, (n_masked, V)."""
-        B, L, _ = O.shape
-        tokens, pad = self.lang_proj(O), text_mask == 0  # (B, L, D)
-        if self.use_context:
-            h, w = P.shape[-2:]
-            tokens = tokens + self.type_embed.weight[0]
-            pos = self.mask_encoder(grid_centres(h, w, P.device))  # (h*w, D)
-            P = P.flatten(2).transpose(1, 2) + pos + self.type_embed.weight[1]  # (B, h*w, D)
-            C = self.mask_encoder(centre)[:, None] + self.type_embed.weight[2]  # (B, 1, D)
-            tokens = torch.cat([tokens, P, C], 1)  # Concat([O, P, C]): (B, L + h*w + 1, D)
-            pad = torch.cat([pad, pad.new_zeros(B, h * w + 1)], 1)
-        out = self.predictor(tokens, src_key_padding_mask=pad)[:, :L]  # (B, L, D)
-        h_masked = self.lm_transform(out[selected])  # (n_masked, C_t)
-        return h_masked @ word_embeddings.t() + self.lm_bias  # (n_masked, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,30 +596,136 @@ def _info_nce(pos_sim: torch.Tensor, neg_sim: torch.Tensor, tau: float) -> torch
     return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
 
 
-def cross_modal_alignment_loss(feat, target, t_avg, tau_p2p, tau_p2t, p2p=True, p2t=True):
+def cross_modal_alignment_loss(I, target, t_avg, tau_p2p, tau_p2t, p2p=True, p2t=True):
     """L_P2P (Eq. 13) and L_P2T (Eq. 14), averaged over the samples that have both foreground
-    and background pixels. feat: (B, D, h, w) mask features; target: (B, h, w) {0, 1};
+    and background pixels. I: (B, D, h, w) mask features; target: (B, h, w) {0, 1};
     t_avg: (B, D) projected mean word feature (or None when p2t=False). All features are
     L2-normalised before every dot product, the class means I_avg^+ / I_avg^- included."""
-    feat = F.normalize(feat.float().flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, D)
+    I = F.normalize(I.float().flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, D)
     target = target.flatten(1) > 0.5  # (B, h*w)
-    zero = feat.sum() * 0  # keeps the graph when no sample counts
+    zero = I.sum() * 0  # keeps the graph when no sample counts
     l_p2p, l_p2t, n = zero, zero, 0
-    for b in range(feat.shape[0]):
-        pos, neg = feat[b][target[b]], feat[b][~target[b]]  # I^+ (P, D), I^- (N, D)
+    for b in range(I.shape[0]):
+        pos, neg = I[b][target[b]], I[b][~target[b]]  # I^+ (|P|, D), I^- (|N|, D)
         if len(pos) == 0 or len(neg) == 0:  # no-target or all-target sample: no contrast
             continue
         n += 1
-        s_pn = pos @ neg.t()  # (P, N) every I_i^+ . I_j^-
+        s_pn = pos @ neg.t()  # (|P|, |N|) every I_i^+ . I_j^-
         if p2p:  # Eq. (13): each pixel vs. its own class mean, against the other class
             avg_pos = F.normalize(pos.mean(0), dim=-1)
             avg_neg = F.normalize(neg.mean(0), dim=-1)
             l_p2p = l_p2p + _info_nce(pos @ avg_pos, s_pn, tau_p2p)
             l_p2p = l_p2p + _info_nce(neg @ avg_neg, s_pn.t(), tau_p2p)
-        if p2t:  # Eq. (14): foreground pixels vs. the sentence, against background pixels
+        if p2t:  # Eq. (14) with T_avg: foreground pixels vs. the sentence, against background
             t = F.normalize(t_avg[b].float(), dim=-1)
             l_p2t = l_p2t + _info_nce(pos @ t, s_pn, tau_p2t)
     return l_p2p / max(n, 1), l_p2t / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: the Hugging Face encoders, run stage by stage
+
+
+# Copied from rela.from_pretrained
+def from_pretrained(model_cls, name: str, **kwargs):
+    """`model_cls.from_pretrained(name)` for a Hub id or a folder, with one clear line on failure.
+
+    A relative folder is read from the repository (the demo's `pretrained/tiny-*`), so runs and
+    checkpoints work from any directory."""
+    local = Path(__file__).resolve().parent / name
+    if local.is_dir():
+        name = str(local)
+    try:
+        return model_cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        raise RuntimeError(
+            f"could not load '{name}': not a folder here and the Hugging Face Hub is unreachable "
+            "(no network?). Use --preset tiny, pass a local folder, or --no-pretrained for random "
+            "weights."
+        ) from None
+
+
+def build_encoders(cfg: Config) -> tuple[SwinModel, BertModel]:
+    """Swin (image) and BERT (language) from the Hub / a folder, or randomly initialised.
+
+    A Swin classification checkpoint (pretrained/tiny-swin, the Hub's Swin) loads into SwinModel
+    without its classifier."""
+    if cfg.pretrained:
+        swin = from_pretrained(
+            SwinModel, cfg.vision_name, add_pooling_layer=False, drop_path_rate=cfg.drop_path_rate
+        )
+        bert = from_pretrained(BertModel, cfg.text_name, add_pooling_layer=False)
+    else:
+        swin_cfg = SwinConfig(**cfg.vision_config, drop_path_rate=cfg.drop_path_rate)
+        swin = SwinModel(swin_cfg, add_pooling_layer=False)
+        bert = BertModel(BertConfig(**cfg.text_config, vocab_size=cfg.vocab_size), False)
+    # SwinModel's final LayerNorm normalises its pooled output, which we never compute (we run the
+    # stages one by one): frozen on purpose, so it neither decays nor lacks a gradient.
+    swin.layernorm.requires_grad_(False)
+    return swin, bert
+
+
+def swin_stage_blocks(stage: nn.Module, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Run the Swin blocks of one stage (transformers 5.23 SwinStage.blocks), no patch merging.
+
+    x: (B, H*W, d) -> (B, H*W, d). always_partition=True keeps the configured window even when the
+    map is smaller (what SwinBackbone does; tiny maps would otherwise crash). A SwinLayer returns
+    (hidden_states, attn_weights); tests/test_magnet.py checks this against SwinModel's own pass.
+    """
+    for block in stage.blocks:
+        x = block(x, hw, always_partition=True)[0]
+    return x
+
+
+def bert_extended_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 0/1 -> (B, 1, 1, L) additive mask: 0 for words, a very negative number for padding."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def bert_layers(layers, o: torch.Tensor, ext_mask: torch.Tensor) -> torch.Tensor:
+    """Run a slice of BertModel.encoder.layer; in transformers 5.23 a BertLayer returns a tensor."""
+    for layer in layers:
+        o = layer(o, attention_mask=ext_mask)
+    return o
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: decoder (LAVT's SimpleDecoding pattern) to stride-4 mask features
+
+
+def conv_gn_relu(c_in: int, c_out: int, k: int = 3) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False),
+        nn.GroupNorm(min(32, c_out // 4), c_out),
+        nn.ReLU(),
+    ]
+
+
+class Decoder(nn.Module):
+    """Top-down: project stage 4 to D, then [upsample, concat stage i, 2 x conv3x3] for i = 3, 2, 1,
+    then the release's signed 1x1 "mask features" conv and a 1x1 mask head on them.
+
+    Returns the mask features I (B, D, H/4, W/4) and the mask logits (B, 1, H/4, W/4). CAL reads
+    the signed I: on ReLU outputs every cosine is >= 0 and foreground/background cannot point apart.
+    """
+
+    def __init__(self, dims: list[int], D: int, mask_prior: float):
+        super().__init__()
+        self.proj = nn.Sequential(*conv_gn_relu(dims[-1], D, k=1))
+        self.fuse = nn.ModuleList(
+            nn.Sequential(*conv_gn_relu(D + c, D), *conv_gn_relu(D, D)) for c in dims[-2::-1]
+        )
+        self.mask_features = nn.Conv2d(D, D, 1)
+        self.mask_head = nn.Conv2d(D, 1, 1)
+        nn.init.constant_(self.mask_head.bias, math.log(mask_prior / (1 - mask_prior)))
+
+    def forward(self, feats: list[torch.Tensor]):
+        y = self.proj(feats[-1])  # (B, D, H/32, W/32)
+        for fuse, skip in zip(self.fuse, feats[-2::-1], strict=True):
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = fuse(torch.cat([y, skip], 1))  # (B, D, H_i, W_i)
+        I = self.mask_features(y)  # (B, D, H/4, W/4), signed
+        return I, self.mask_head(I)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,45 +744,51 @@ class MagNet(nn.Module):
             raise ValueError(f"BERT's {n_layers} layers do not split into {len(stages)} stages")
         self.layers_per_stage = n_layers // len(stages)
         dims = [self.swin.config.embed_dim * 2**i for i in range(len(stages))]
-        c_t, D = self.bert.config.hidden_size, cfg.decoder_dim
+        d_t, D = self.bert.config.hidden_size, cfg.decoder_dim
         self.use_p2p, self.use_p2t = "no_p2p" not in ablate, "no_p2t" not in ablate
         no_cam, last = "no_cam" in ablate, len(dims) - 1
         scales = () if no_cam else cfg.cam_scales
         # The last stage's language update only feeds T_avg of L_P2T; its image update feeds
-        # nothing (the decoder reads F). Modules whose output nobody reads are not built.
+        # nothing (the decoder reads F_v). Modules whose output nobody reads are not built.
         self.cams = nn.ModuleList(
-            CAM(c, c_t, scales, cfg.cam_heads, cfg.cam_mlp_ratio,
+            CAM(d, d_t, scales, cfg.cam_heads, cfg.cam_mlp_ratio,
                 bidirectional=not no_cam and (i < last or self.use_p2t), update_image=i < last)
-            for i, c in enumerate(dims)
+            for i, d in enumerate(dims)
         )  # fmt: skip
-        self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in dims)  # LAVT's norm{i}
-        self.decoder = Decoder(dims, D)
-        self.text_proj = nn.Linear(c_t, D) if self.use_p2t else None  # proj() of T_avg
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)  # LAVT's norm{i}
+        self.decoder = Decoder(dims, D, cfg.mask_prior)
+        self.text_proj = nn.Linear(d_t, D) if self.use_p2t else None  # proj() of T_avg
         self.grounding = None
         if "no_mg" not in ablate:
-            vocab = self.bert.config.vocab_size
             self.grounding = MaskGrounding(
-                c_t, D, vocab, cfg.predictor_layers, cfg.predictor_heads, "mlm_only" not in ablate
-            )
+                dims[0], d_t, cfg.predictor_dim, self.bert.config.vocab_size,
+                cfg.predictor_layers, cfg.predictor_heads, "mlm_only" not in ablate,
+                cfg.mask_input,
+            )  # fmt: skip
+        # Training steps taken, for the CAL warm-up (saved with the weights, so resuming is exact).
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def encode(self, images, input_ids, attention_mask):
         """Interleaved Swin / BERT stages with a CAM after each (Eq. 5-11).
-        Returns the 4 decoder features (B, C_i, H_i, W_i) and the final words (B, L, C_t)."""
-        x, (H, W) = self.swin.embeddings(images)  # (B, H*W, C_1), stride 4
-        o = self.bert.embeddings(input_ids=input_ids)  # (B, L, C_t)
+        Returns the 4 decoder features (B, d_i, H_i, W_i), the final words O (B, L, d_t) and the
+        text-free image embedding P = P_1 before CAM 1 (B, d_1, H/4, W/4)."""
+        x, (H, W) = self.swin.embeddings(images)  # (B, N, d_1), stride 4
+        o = self.bert.embeddings(input_ids=input_ids)  # (B, L, d_t)
         ext_mask = bert_extended_mask(attention_mask, o.dtype)
-        feats, n = [], self.layers_per_stage
+        feats, n, B = [], self.layers_per_stage, x.shape[0]
         for i, (stage, cam, norm) in enumerate(
             zip(self.swin.encoder.layers, self.cams, self.stage_norms, strict=True)
         ):
             x = swin_stage_blocks(stage, x, (H, W))  # Eq. (5): P_i
+            if i == 0:  # Eq. (2): no word has touched the image yet
+                P = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, d_1, H/4, W/4)
             o = bert_layers(self.bert.encoder.layer[i * n : (i + 1) * n], o, ext_mask)  # O_i
             x, o, F_v = cam(x, o, (H, W), attention_mask)  # Eq. (6)-(11)
-            feats.append(norm(F_v).transpose(1, 2).reshape(x.shape[0], -1, H, W))  # (B, C, H, W)
-            if stage.downsample is not None:  # Swin patch merging: (B, H*W, C) -> (B, H*W/4, 2C)
+            feats.append(norm(F_v).transpose(1, 2).reshape(B, -1, H, W))  # (B, d_i, H_i, W_i)
+            if stage.downsample is not None:  # Swin patch merging: (B, N, d) -> (B, N/4, 2d)
                 x = stage.downsample(x, (H, W))
                 H, W = (H + 1) // 2, (W + 1) // 2
-        return feats, o
+        return feats, o, P
 
     def encode_text(self, input_ids, attention_mask):
         """LanguageEncoder of Eq. (1): plain BERT on the masked text (no image fusion)."""
@@ -575,64 +796,86 @@ class MagNet(nn.Module):
         return bert_layers(self.bert.encoder.layer, o, bert_extended_mask(attention_mask, o.dtype))
 
     def forward(self, images, input_ids, attention_mask, targets=None):
-        """images (B, 3, H, W), input_ids / attention_mask (B, L) -> dict with "mask_logits"
-        (B, 1, H/4, W/4); with targets also "loss" and "losses"; in eval mode with targets the
-        grounding predictor's top-3 guesses for deterministically masked words ("mg_*")."""
-        feats, O = self.encode(images, input_ids, attention_mask)
-        feat, logits, embedding = self.decoder(feats)
+        """images (B, 3, H, W), input_ids / attention_mask (B, L) -> {"mask_logits" (B, 1, H/4,
+        W/4)}; with targets also "loss", "losses" and what diagnostics reads ("mg_*", "cal_*")."""
+        feats, O, P = self.encode(images, input_ids, attention_mask)
+        I, logits = self.decoder(feats)
         out = {"mask_logits": logits}
         if targets is None:
             return out
+        cfg = self.cfg
         masks = targets["masks"].float()  # (B, H, W)
-        cfg, training = self.cfg, self.training
-        losses = {"bce": common.bce_loss(logits, masks), "dice": common.dice_loss(logits, masks)}
+        losses = self.segmentation_loss(logits, masks)
         total = cfg.lambda_bce * losses["bce"] + cfg.lambda_dice * losses["dice"]
-
-        if training and (self.use_p2p or self.use_p2t):  # Eq. (12)-(14)
-            t_avg = None
-            if self.use_p2t:  # T_avg = proj(mean of the words' features)
-                w = attention_mask[..., None].to(O.dtype)
-                t_avg = self.text_proj((O * w).sum(1) / w.sum(1).clamp(min=1))  # (B, D)
-            target = common.fit_target(masks, logits)[:, 0]  # (B, H/4, W/4), nearest
-            l_p2p, l_p2t = cross_modal_alignment_loss(
-                feat, target, t_avg, cfg.tau_p2p, cfg.tau_p2t, self.use_p2p, self.use_p2t
-            )
-            if self.use_p2p:
-                losses["p2p"] = l_p2p
-            if self.use_p2t:
-                losses["p2t"] = l_p2t
-            total = total + cfg.lambda_cal * (l_p2p + l_p2t)
-
+        if self.use_p2p or self.use_p2t:
+            cal = self.alignment_loss(I, O, attention_mask, masks, logits, out)
+            losses.update(cal)
+            warm = min(1.0, (int(self.step) + 1) / cfg.cal_warmup) if cfg.cal_warmup else 1.0
+            total = total + warm * cfg.lambda_cal * sum(cal.values())
         if self.grounding is not None:
-            # Eval mode: the same words every time (fixed generator), for samples.png.
-            gen = None if training else torch.Generator().manual_seed(0)
-            masked_ids, selected = mask_words(
-                input_ids, attention_mask, cfg.mask_ratio, cfg.mask_token_id, gen
-            )
-            O_masked = self.encode_text(masked_ids, attention_mask)  # Eq. (1)
-            word_logits = self.grounding(  # Eq. (2)-(4): P = image embedding, C from the centre
-                O_masked,
-                attention_mask,
-                selected,
-                embedding,
-                mask_centre(masks),
-                self.bert.embeddings.word_embeddings.weight,
-            )
-            if training:
-                y_gt = input_ids[selected]  # (n_masked,)
-                if len(y_gt):
-                    losses["grounding"] = F.cross_entropy(word_logits.float(), y_gt)
-                else:  # no word to mask in the whole batch
-                    losses["grounding"] = word_logits.sum() * 0
-                total = total + cfg.lambda_grounding * losses["grounding"]
-            else:
-                top3 = torch.zeros(*input_ids.shape, 3, dtype=torch.long, device=input_ids.device)
-                top3[selected] = word_logits.topk(min(3, word_logits.shape[-1]), -1).indices
-                out.update(mg_selected=selected, mg_input_ids=input_ids, mg_top3=top3)
-
+            losses["grounding"] = self.grounding_loss(P, input_ids, attention_mask, masks, out)
+            total = total + cfg.lambda_grounding * losses["grounding"]
+        if self.training:
+            self.step += 1
         out["loss"] = total
         out["losses"] = {k: v.detach() for k, v in losses.items()}
         return out
+
+    def segmentation_loss(self, logits, masks) -> dict[str, torch.Tensor]:
+        """BCE + Dice on the stride-4 mask logits (Eq. 15's first two terms)."""
+        return {"bce": common.bce_loss(logits, masks), "dice": common.dice_loss(logits, masks)}
+
+    def alignment_loss(self, I, O, attention_mask, masks, logits, out) -> dict[str, torch.Tensor]:
+        """CAL (Eq. 12-14) on the mask features I. In eval mode it also leaves the pixel-to-text
+        cosine map in `out` for the sample panels."""
+        t_avg = None
+        if self.use_p2t:  # T_avg = proj(mean of the words' features)
+            w = attention_mask[..., None].to(O.dtype)
+            t_avg = self.text_proj((O * w).sum(1) / w.sum(1).clamp(min=1))  # (B, D)
+            if not self.training:
+                cos = (
+                    F.normalize(I.float(), dim=1)
+                    * F.normalize(t_avg.float(), dim=1)[..., None, None]
+                )
+                out["cal_cos_text"] = cos.sum(1)  # (B, H/4, W/4)
+        target = common.fit_target(masks, logits)[:, 0]  # (B, H/4, W/4), nearest
+        cfg = self.cfg
+        l_p2p, l_p2t = cross_modal_alignment_loss(
+            I, target, t_avg, cfg.tau_p2p, cfg.tau_p2t, self.use_p2p, self.use_p2t
+        )
+        return ({"p2p": l_p2p} if self.use_p2p else {}) | ({"p2t": l_p2t} if self.use_p2t else {})
+
+    def grounding_loss(self, P, input_ids, attention_mask, masks, out) -> torch.Tensor:
+        """Mask Grounding (Eq. 1-4): cross-entropy of the hidden words, predicted from the masked
+        text, the text-free image embedding P and the GT mask.
+
+        In eval mode the words are masked the same way every time (a fixed generator), and the
+        predictor also runs with another sample's image and mask (the batch rolled by one): the
+        accuracy gap between the two ("mg_correct" vs "mg_correct_other") is the grounding."""
+        cfg = self.cfg
+        gen = None if self.training else torch.Generator().manual_seed(0)
+        masked_ids, selected = mask_words(
+            input_ids, attention_mask, cfg.mask_ratio, cfg.mask_token_id, gen
+        )
+        O_masked = self.encode_text(masked_ids, attention_mask)  # Eq. (1)
+        P = F.adaptive_avg_pool2d(P, cfg.grounding_grid)  # Eq. (2): (B, d_1, g, g)
+        E = self.bert.embeddings.word_embeddings.weight  # the tied vocabulary
+        word_logits = self.grounding(O_masked, attention_mask, selected, P, masks, E)  # Eq. (4)
+        y_gt = input_ids[selected]  # (n_masked,)
+        if len(y_gt) == 0:  # no word to mask in the whole batch
+            return word_logits.sum() * 0
+        if not self.training:
+            guess = word_logits.argmax(-1)
+            out.update(mg_selected=selected, mg_input_ids=input_ids, mg_guess=guess,
+                       mg_correct=guess == y_gt)  # fmt: skip
+            if len(P) > 1:
+                other = self.grounding(
+                    O_masked, attention_mask, selected, P.roll(1, 0), masks.roll(1, 0), E
+                )
+                out.update(
+                    mg_guess_other=other.argmax(-1), mg_correct_other=other.argmax(-1) == y_gt
+                )
+        return F.cross_entropy(word_logits.float(), y_gt)
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -644,22 +887,55 @@ def build_model(cfg: Config) -> nn.Module:
     return MagNet(cfg)
 
 
-def sample_extra(outputs: dict, i: int, tokenizer) -> tuple[np.ndarray | None, str]:
-    """Caption: the grounding predictor's top-3 guesses for the masked words of sample i."""
-    if "mg_selected" not in outputs:
-        return None, ""
-    selected = outputs["mg_selected"][i].cpu()
-    ids, top3 = outputs["mg_input_ids"][i].cpu(), outputs["mg_top3"][i].cpu()
-    parts = []
-    for pos in torch.nonzero(selected).flatten().tolist():
-        word = tokenizer.convert_ids_to_tokens(int(ids[pos]))
-        guesses = tokenizer.convert_ids_to_tokens([int(t) for t in top3[pos]])
-        parts.append(f"masked '{word}' -> {'/'.join(guesses)}")
-    return None, "; ".join(parts)
+def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
+    """The paper's mechanism on one eval batch (model.eval(), forward with targets).
+
+    mg_acc_own / mg_acc_other: masked-word accuracy of Mask Grounding with the sample's own image
+    and mask / with another sample's; mg_gain = their difference (0 = the predictor ignores the
+    image and mask: plain language modelling). cal_p2p / cal_p2t: the CAL terms (Eq. 13-14)."""
+    nan = float("nan")
+    result = {}
+    own, other = outputs.get("mg_correct"), outputs.get("mg_correct_other")
+    if own is not None and len(own):
+        result["mg_acc_own"] = own.float().mean().item()
+        result["mg_acc_other"] = other.float().mean().item() if other is not None else nan
+        result["mg_gain"] = result["mg_acc_own"] - result["mg_acc_other"]
+    losses = outputs.get("losses", {})
+    for name in ("p2p", "p2t"):
+        if name in losses:
+            result[f"cal_{name}"] = float(losses[name])
+    return result
 
 
-if __name__ == "__main__":  # shape smoke run on the tiny preset
+def sample_extra(outputs: dict, i: int, tokenizer) -> list[tuple]:
+    """Panels for samples.png: the pixel-to-text cosine cos(I, T_avg) of CAL, and the grounding
+    predictor's guesses for the masked words with the sample's own image and mask / another's."""
+    panels = []
+    if "cal_cos_text" in outputs:
+        cos = outputs["cal_cos_text"][i].float().cpu().numpy()
+        panels.append((cos, "CAL: cos(pixel I, sentence T_avg)", (-1.0, 1.0)))
+    if "mg_selected" in outputs:
+        selected = outputs["mg_selected"].cpu()
+        # The guesses are listed for the masked words of the whole batch, sample after sample.
+        start = int(selected[:i].sum())
+        positions = torch.nonzero(selected[i]).flatten().tolist()
+        ids = outputs["mg_input_ids"][i].cpu()
+        parts = []
+        for j, pos in enumerate(positions):
+            word = tokenizer.convert_ids_to_tokens(int(ids[pos]))
+            guess = tokenizer.convert_ids_to_tokens(int(outputs["mg_guess"][start + j]))
+            text = f"'{word}' -> {guess}"
+            if "mg_guess_other" in outputs:
+                other = int(outputs["mg_guess_other"][start + j])
+                text += f" (other image: {tokenizer.convert_ids_to_tokens(other)})"
+            parts.append(text)
+        panels.append((None, "Mask Grounding: " + "; ".join(parts)))
+    return panels or [(None, "")]
+
+
+if __name__ == "__main__":  # shape smoke run on the tiny preset (random weights)
     cfg = Config.tiny()
+    cfg.pretrained = False
     model = build_model(cfg)
     B, L = 2, cfg.max_tokens
     ids = torch.randint(5, cfg.vocab_size, (B, L))

@@ -29,9 +29,16 @@ def make_batch(cfg, n_words=(4, 7), seed=0):
     return images, ids, am, {"masks": masks, "no_target": torch.zeros(B, dtype=torch.bool)}
 
 
+def tiny_config(**changes):
+    """The demo's architecture with random encoders (fast, no files) and Eq. (15)'s weights from
+    the first step (no CAL warm-up), unless a test asks otherwise."""
+    changes = {"pretrained": False, "cal_warmup": 0, **changes}
+    return dataclasses.replace(magnet.Config.tiny(), **changes)
+
+
 def tiny_model(seed=0, **changes):
     torch.manual_seed(seed)
-    return magnet.build_model(dataclasses.replace(magnet.Config.tiny(), **changes))
+    return magnet.build_model(tiny_config(**changes))
 
 
 def run(model, batch, seed=1):
@@ -46,7 +53,7 @@ def run(model, batch, seed=1):
 def test_encoder_internals_match_transformers():
     """Stage-by-stage Swin / BERT without fusion must equal the library's own forward passes.
     Fails loudly if transformers changes SwinStage / SwinLayer / BertLayer (pinned 5.23)."""
-    cfg = magnet.Config.tiny()
+    cfg = tiny_config()
     torch.manual_seed(0)
     swin, bert = magnet.build_encoders(cfg)
     swin.eval(), bert.eval()
@@ -75,7 +82,7 @@ def test_encoder_internals_match_transformers():
         o = bert.embeddings(input_ids=ids)
         o = magnet.bert_layers(bert.encoder.layer, o, magnet.bert_extended_mask(am, o.dtype))
         ref_o = bert(ids, attention_mask=am).last_hidden_state
-    assert isinstance(o, torch.Tensor) and o.shape == (2, cfg.max_tokens, 32)
+    assert isinstance(o, torch.Tensor) and o.shape == (2, cfg.max_tokens, 64)
     torch.testing.assert_close(o[am.bool()], ref_o[am.bool()])
 
 
@@ -263,6 +270,58 @@ def test_mask_encoder_uses_gt_centre():
     assert out_a["losses"]["grounding"] != out_b["losses"]["grounding"]
 
 
+def test_grounding_inputs_are_text_free_except_the_masked_text():
+    """Eq. (2): P = ImageEncoder(I). Changing only the hidden word (the word under [MASK]) must
+    leave every input of the masked token predictor as it was: O sees [MASK], P and M see no text.
+    (A P taken after any CAM would carry the unmasked word into the predictor.)"""
+    model = tiny_model().eval()
+    batch = make_batch(model.cfg)
+    images, ids, am, targets = batch
+    seen = []
+    model.grounding.register_forward_hook(
+        lambda m, inp, out: seen.append([t.detach().clone() for t in inp if torch.is_tensor(t)])
+    )
+    with torch.no_grad():
+        out = model(*batch)
+        hidden = out["mg_selected"]
+        assert hidden.sum() > 0
+        swapped = ids.clone()
+        swapped[hidden] = torch.where(ids[hidden] == 5, 6, 5)  # another word, same position
+        out_b = model(images, swapped, am, targets)
+    assert torch.equal(out_b["mg_selected"], hidden)
+    own_a, own_b = seen[0], seen[2]  # [1], [3]: the pass with another sample's image and mask
+    assert len(own_a) == 6
+    for a, b in zip(own_a, own_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # ... while the segmentation pass does read the changed word.
+    assert not torch.allclose(out["mask_logits"], out_b["mask_logits"])
+
+
+def test_grounding_context_switches():
+    """Table 3a/3b: MLM sees words only; "none" adds image tokens; "centre" / "average" add C."""
+    batch = make_batch(tiny_config())
+    sizes = {}
+    for name, changes in {
+        "mlm": {"ablate": ("mlm_only",)},
+        "none": {"mask_input": "none"},
+        "centre": {},
+        "average": {"mask_input": "average"},
+    }.items():
+        model = tiny_model(**changes).eval()
+        lengths = []
+        model.grounding.predictor.register_forward_hook(
+            lambda m, inp, out, lengths=lengths: lengths.append(inp[0].shape[1])
+        )
+        with torch.no_grad():
+            out = model(*batch)
+        assert torch.isfinite(out["losses"]["grounding"])
+        sizes[name] = lengths[0]
+    L, g = make_batch(tiny_config())[1].shape[1], tiny_config().grounding_grid
+    assert sizes == {"mlm": L, "none": L + g * g, "centre": L + g * g + 1, "average": L + g * g + 1}
+    with pytest.raises(ValueError, match="mask_input"):
+        tiny_model(mask_input="box")
+
+
 class StubTokenizer:
     def convert_ids_to_tokens(self, ids):
         if isinstance(ids, int):
@@ -270,32 +329,72 @@ class StubTokenizer:
         return [f"w{i}" for i in ids]
 
 
-def test_grounding_loss_only_in_training():
+def test_eval_forward_with_targets_reports_the_mechanism():
     model = tiny_model()
     batch = make_batch(model.cfg)
     out = run(model.train(), batch)
     assert set(out["losses"]) == {"bce", "dice", "p2p", "p2t", "grounding"}
-    assert "mg_top3" not in out
+    assert "mg_correct" not in out and "cal_cos_text" not in out
     model.eval()
     with torch.no_grad():
         out = model(*batch)
         again = model(*batch)
         plain = model(*batch[:3])
-    assert set(out["losses"]) == {"bce", "dice"}
-    total = 2 * out["losses"]["bce"] + 2 * out["losses"]["dice"]
-    torch.testing.assert_close(out["loss"], total)
+    assert set(out["losses"]) == {"bce", "dice", "p2p", "p2t", "grounding"}
     assert set(plain) == {"mask_logits"}
-    # visualisation extras: top-3 guesses at deterministically masked words
-    B, L = batch[1].shape
-    assert out["mg_top3"].shape == (B, L, 3) and torch.equal(
-        out["mg_selected"], again["mg_selected"]
-    )
+    torch.testing.assert_close(out["mask_logits"], plain["mask_logits"])  # targets change nothing
+    # The eval masking is deterministic, and both grounding passes score the same words.
+    assert torch.equal(out["mg_selected"], again["mg_selected"])
     assert (out["mg_selected"].sum(1) == 1).all()  # 4 and 7 words -> one masked word each
-    pos = int(out["mg_selected"][0].nonzero())
-    extra, caption = magnet.sample_extra(out, 0, StubTokenizer())
-    guesses = "/".join(f"w{int(t)}" for t in out["mg_top3"][0, pos])
-    assert extra is None and caption == f"masked 'w{int(batch[1][0, pos])}' -> {guesses}"
-    assert magnet.sample_extra(plain, 0, StubTokenizer()) == (None, "")
+    n = int(out["mg_selected"].sum())
+    assert out["mg_correct"].shape == out["mg_correct_other"].shape == (n,)
+    assert out["cal_cos_text"].shape == (2, 16, 16) and out["cal_cos_text"].abs().max() <= 1 + 1e-5
+    panels = magnet.sample_extra(out, 1, StubTokenizer())
+    cos, caption, scale = panels[0]
+    assert cos.shape == (16, 16) and scale == (-1.0, 1.0)
+    pos = int(out["mg_selected"][1].nonzero())
+    word, guess = int(batch[1][1, pos]), int(out["mg_guess"][1])  # sample 1's word is 2nd
+    other = int(out["mg_guess_other"][1])
+    assert panels[1] == (
+        None, f"Mask Grounding: 'w{word}' -> w{guess} (other image: w{other})"
+    )  # fmt: skip
+    assert magnet.sample_extra(plain, 0, StubTokenizer()) == [(None, "")]
+
+
+def test_diagnostics_on_a_hand_made_case():
+    outputs = {
+        "mg_correct": torch.tensor([True, True, False, True]),
+        "mg_correct_other": torch.tensor([True, False, False, False]),
+        "losses": {"bce": torch.tensor(0.3), "p2p": torch.tensor(2.5), "p2t": torch.tensor(1.25)},
+    }
+    d = magnet.diagnostics(outputs, {})
+    assert d == pytest.approx(
+        {"mg_acc_own": 0.75, "mg_acc_other": 0.25, "mg_gain": 0.5, "cal_p2p": 2.5, "cal_p2t": 1.25}
+    )
+    assert all(isinstance(v, float) for v in d.values())
+    # A batch of one has no other sample: own accuracy only, the rest undefined (NaN).
+    d = magnet.diagnostics({"mg_correct": torch.tensor([False, True]), "losses": {}}, {})
+    assert d["mg_acc_own"] == 0.5 and math.isnan(d["mg_acc_other"]) and math.isnan(d["mg_gain"])
+    assert magnet.diagnostics({"losses": {"bce": torch.tensor(1.0)}}, {}) == {}
+    # And on the model: the other sample's image and mask are the batch rolled by one.
+    model = tiny_model().eval()
+    with torch.no_grad():
+        out = model(*make_batch(model.cfg, n_words=(4, 7, 5)))
+    d = magnet.diagnostics(out, {})
+    assert set(d) == {"mg_acc_own", "mg_acc_other", "mg_gain", "cal_p2p", "cal_p2t"}
+    assert d["mg_acc_own"] == pytest.approx(out["mg_correct"].float().mean().item())
+
+
+def test_cal_warmup_ramps_the_weight():
+    model = tiny_model(cal_warmup=4).train()
+    batch = make_batch(model.cfg)
+    for step in range(6):
+        out = run(model, batch)
+        lo = out["losses"]
+        seg = 2 * lo["bce"] + 2 * lo["dice"] + lo["grounding"]
+        weight = min(1.0, (step + 1) / 4) * 0.5
+        torch.testing.assert_close(out["loss"].detach(), seg + weight * (lo["p2p"] + lo["p2t"]))
+    assert int(model.step) == 6 and "step" in model.state_dict()  # resumes with the weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +432,7 @@ def test_overfit_one_batch():
     batch = make_batch(model.cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     total, seg = [], []
-    for _ in range(30):
+    for _ in range(15):
         out = model(*batch)
         total.append(out["loss"].item())
         seg.append(float(out["losses"]["bce"] + out["losses"]["dice"]))
@@ -341,7 +440,7 @@ def test_overfit_one_batch():
         out["loss"].backward()
         opt.step()
     assert sum(total[-5:]) < 0.5 * sum(total[:5]), total
-    assert sum(seg[-5:]) < 0.75 * sum(seg[:5]), seg
+    assert sum(seg[-5:]) < 0.85 * sum(seg[:5]), seg
 
 
 def test_each_ablation_changes_the_computation():
@@ -386,7 +485,7 @@ def test_each_ablation_changes_the_computation():
 
 
 def test_unknown_ablation_raises():
-    cfg = dataclasses.replace(magnet.Config.tiny(), ablate=("no_mg", "nope"))
+    cfg = tiny_config(ablate=("no_mg", "nope"))
     with pytest.raises(ValueError, match="unknown ablation 'nope' for magnet; choose from no_mg"):
         magnet.build_model(cfg)
 
@@ -401,7 +500,7 @@ def test_paper_config_architecture():
 
 
 def test_from_pretrained_local_dirs(tmp_path):
-    cfg = magnet.Config.tiny()
+    cfg = tiny_config()
     torch.manual_seed(0)
     swin, bert = magnet.build_encoders(cfg)
     swin.save_pretrained(tmp_path / "swin")
@@ -421,3 +520,73 @@ def test_from_pretrained_local_dirs(tmp_path):
     assert torch.isfinite(out["loss"])
     with pytest.raises(RuntimeError, match="could not load"):
         magnet.build_model(dataclasses.replace(cfg, vision_name=str(tmp_path / "missing")))
+
+
+def test_tiny_preset_loads_the_shipped_pretrained_encoders():
+    """Config.tiny() reads pretrained/tiny-swin and pretrained/tiny-bert with from_pretrained, and
+    its written-out configs (for --no-pretrained) are those folders' architectures."""
+    cfg = magnet.Config.tiny()
+    assert cfg.pretrained and (cfg.vision_name, cfg.text_name) == (
+        "pretrained/tiny-swin",
+        "pretrained/tiny-bert",
+    )
+    swin, bert = magnet.build_encoders(cfg)
+    for key, value in cfg.vision_config.items():
+        assert getattr(swin.config, key) == value, key
+    for key, value in cfg.text_config.items():
+        assert getattr(bert.config, key) == value, key
+    assert bert.config.num_hidden_layers == len(cfg.vision_config["depths"])  # 1 per CAM stage
+    assert bert.config.vocab_size == cfg.vocab_size
+    folder = magnet.Path(magnet.__file__).parent / cfg.vision_name
+    shipped = magnet.SwinModel.from_pretrained(folder).state_dict()
+    for name, weight in swin.state_dict().items():
+        torch.testing.assert_close(weight, shipped[name])
+
+
+def test_every_table_row_builds_and_trains_a_step():
+    """Each TABLES row, as train.py --row applies it (its ablations and Config overrides), builds
+    on the tiny preset and takes one optimiser step; rows that cannot be built say why."""
+    names, built = set(), {}
+    batch = make_batch(tiny_config(), n_words=(4, 5))
+    for table, rows in magnet.TABLES.items():
+        assert table.startswith("Table 3") and len(rows) >= 3
+        assert sum(bool(spec.get("baseline")) for spec in rows.values()) == 1
+        for key, spec in rows.items():
+            row_id = key.split()[0]
+            assert (table, row_id) not in names
+            names.add((table, row_id))
+            assert set(spec["paper"]) == {"oIoU", "oIoU_refcoco+"}
+            if "skip" in spec:
+                assert isinstance(spec["skip"], str) and spec["skip"]
+                continue
+            assert all(a in magnet.ABLATIONS for a in spec.get("ablate", ()))
+            recipe = (tuple(sorted(spec.get("ablate", ()))), repr(spec.get("set", {})))
+            if recipe in built:  # the same model as an earlier row (LAVT is in every table)
+                continue
+            model = tiny_model(ablate=tuple(spec.get("ablate", ())), **spec.get("set", {}))
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            out = run(model.train(), batch)
+            out["loss"].backward()
+            opt.step()
+            assert torch.isfinite(out["loss"]), (table, key)
+            built[recipe] = out["losses"]
+    assert len(names) == 26 and len(built) == 15
+    lavt = magnet.TABLES["Table 3a"]["Baseline LAVT"]
+    assert set(lavt["ablate"]) == {"no_mg", "no_cam", "no_p2p", "no_p2t"}  # LAVT, not "no MG"
+    assert "224" in lavt["note"] and "10 epochs" in lavt["note"]  # the paper's ablation setting
+
+
+def test_recipe_is_lavts():
+    r = magnet.RECIPE
+    assert (r["optimizer"], r["lr"], r["weight_decay"], r["schedule"]) == (
+        "adamw",
+        5e-5,
+        0.01,
+        "poly",
+    )
+    assert (r["epochs"], r["batch_size"], r["warmup"], r["grad_clip"]) == (40, 32, 0, 0.0)
+    assert r["encoder_lr_factor"] == 1.0 and "iterations" not in r
+    names = [n for n, _ in tiny_model().named_parameters()]
+    for prefix in r["frozen"]:  # the prefixes name real parameters (BERT-base has 12 layers)
+        assert prefix.startswith("bert.") and prefix.endswith(".")
+    assert any(n.startswith("bert.embeddings.") for n in names)
