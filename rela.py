@@ -10,18 +10,21 @@ Each region n predicts a mask M_r^n (its region filter times the pixel decoder's
 a probability x_r^n that it contains a target; the output mask is the x_r-weighted sum of the region
 masks (Eq. 1). A "minimap", the ground truth downsampled to P×P, supervises x_r so that query n is
 tied to image patch n. The mean region feature predicts a no-target label E; when E is positive the
-output mask is emptied. Image features come from a LAVT-style language-aware Swin (pixel-word
-attention + a tanh gate inside every stage), as in the released code.
+output mask is emptied.
+
+Reading order: the paper's parts first (§4.2: RIA, RLA, one decoder layer; §4.1: the heads and
+Eq. 1), then, set apart, the plumbing they sit on (the released code's language-aware Swin and the
+pixel decoder), then the model, its loss, `diagnostics` and the sample panels.
 
 Symbols (paper -> code), shape legend B batch, L words, C channels, H, W map size, N = P² regions:
     F_i        image features of one pixel-decoder level     F_i        (B, H*W, C)
     F_t        language features (BERT, projected to C)      F_t        (B, L, C)
     F_m        mask features (stride 4)                      F_m        (B, C, H/4, W/4)
-    Q_r        region-based queries                          query_feat (N, C)
+    Q_r        region-based queries                          query_feat (N, C) (nn.Embedding)
     A_ri       region-image attention (Eq. 2)                A_ri       (B, heads, N, H*W)
     F'_r       region image features (RIA output)            F_r_prime  (B, N, C)
     F_r1       region self-attention output                  F_r1       (B, N, C)
-    A_l        region-word attention (Eq. 3)                 A_l        (B, N, L)
+    A_l        region-word attention (Eq. 3)                 A_l        (B, heads, N, L)
     F_r2       language-aware region features                F_r2       (B, N, C)
     F_r        region features MLP(F'_r + F_r1 + F_r2)       F_r        (B, N, C)
     F_f        region filters                                F_f        (B, N, C)
@@ -31,23 +34,47 @@ Symbols (paper -> code), shape legend B batch, L words, C channels, H, W map siz
     E          no-target score                               no_target_logits (B,)
     P          regions per side (Table 4: 4, 8, 10, 12)      cfg.P
 
-Differences from the paper and the released code (github.com/henghuiding/ReLA), one per line:
-- Pixel decoder: transformer encoder on the stride-32 map + FPN to stride 4, not MSDeformAttn.
-- RLA: Eq. 2-3 in all 9 layers; released main: language att. in layer 0 only; original: RLA at end.
-- RIA is unmasked cross-attention (Eq. 2); the released code uses Mask2Former's masked attention.
-- Attention: 8 heads, 1/sqrt(d) scale, sine keys, learnable query positions (released; not in Eq.).
-- Layers add residual + post-LayerNorm: F_r = LN(S + MLP(S)), S = F'_r + F_r1 + F_r2 (paper MLP(S)).
+Training recipe. The paper gives none; RECIPE below is the release's (AdamW 1e-5, weight decay
+0.05, batch 48, 150k iterations, lr x0.1 at 110k and 140k, gradient-norm clip 0.01, BERT embeddings
+and layers 10-11 frozen). The CPU demo uses train.py's shared demo recipe instead.
+
+Differences from the paper and the released code (github.com/henghuiding/ReLA), one per line.
+The paper is silent (we take the release's choice unless stated):
+- Attention: 8 heads, 1/sqrt(d) scale, sine keys, learnable query positions (Eq. 2-3 show none).
+- Residual + post-LayerNorm around RIA and RLA: F_r = LN(S + MLP(S)), S = F'_r + F_r1 + F_r2.
+- 9 decoder layers (released DEC_LAYERS 10 - 1) reading strides 32, 16, 8 in turn (Mask2Former).
+- Pixel decoder: transformer encoder on the stride-32 map + FPN (released: MSDeformAttn, 6 layers).
+- Minimap target: GT bilinearly resized to P×P then .long() (truncation): a cell centre sample.
+- Loss: 5 * (CE_mask + 0.1 CE_minimap + 0.1 CE_nt), class weights [0.9, 1.1] (released criterion).
+- Filters from the last F'_r, x_r and E from F_r (§4.2 "F_f ... based on F'_r").
+The release differs:
+- Encoder: Fig. 4 and §4.1 encode image (Swin) and text (BERT) separately and fuse only in ReLA;
+  Table 5 lists "LAVT+ReLA" (61.32 gIoU val) as another model than "ReLA" (63.60). The release's
+  ReLA is LAVT's language-aware Swin (PWAM + tanh gate in stages 1-3) + the ReLA decoder. We follow
+  the release; `--ablate no_encoder_fusion` is the Fig. 4 description (Table 5 rows below).
+- Gates: the release zero-inits BOTH gate Linears and never re-inits them, so a gate's gradient is
+  exactly zero and its gates stay closed for the whole run (text reaches the decoder only through
+  the PWAM outputs). gate_init="release" does that; "learnable" (ours) zero-inits the second only.
+- RIA: released = Mask2Former masked attention; ours is Eq. 2 unmasked.
+- RLA: released main: language attention in layer 0 only; original: RLA once after the last layer.
 - Region-language attention ignores [PAD] words (released: no mask, pads are attended).
-- Eq. (1) weights by probabilities x_r (paper); released: raw minimap logits, fusion_weight="logit".
+- Eq. (1): released weights by raw minimap logits fg - bg (fusion_weight="logit"); ours x_r.
+- No-target: released averages per-region MLP outputs; ours an MLP of the mean F_r (paper).
 - mask_logits is one map M; the 2-class CE sees logits (0, M), released sees (bg, fg) = same loss.
-- Filters from the last F'_r, x_r and E from F_r, as §4.2 says (released main: all from F_r).
-- No-target head: MLP of the mean region feature (paper); released: mean of per-region MLPs.
+- Release queries and positions are nn.Embedding (N(0,1)) and the heads read LN(F_r): as here.
+We deviate on purpose:
+- Eq. (1) + a learnable prior bias b (init logit of 4%, the demo's foreground share) and a small
+  last filter layer: M starts calibrated (mask CE ~0.2; without: |M| ~ 20-40, CE 19-95).
+- The minimap head starts at the same prior (x_r ~ 0.04), as detectors' focal-loss prior init.
+- gate_init="learnable" by default: the release's closed gates make the encoder fusion a no-op.
+- All BERT layers train in the demo (RECIPE["frozen"] has the release's frozen ones).
 - Inference: mask_logits = -1e4 where E > 0 (mask_logits_raw keeps M for the official FP union).
-- Loss: 5 * (CE_mask + 0.1 CE_minimap + 0.1 CE_nt), weights [0.9, 1.1], x5 = cfg.loss_scale.
-- Minimap target: GT bilinearly resized to P×P then .long() (truncation), as released.
-- Encoder: LAVT PWAM + tanh gate before patch merging, gates on stages 1-3, zero-init (as released).
-- All BERT layers train (the release never optimises the embeddings and layers 10-11).
+- ReLA-50pix (Table 6): 50 pixels at the paper's 480×480, scaled with the image area (<1 px at 64).
+- tiny(): the shared pretrained tiny Swin (32-256 channels) + BERT (64-d); C = 64, 3 decoder layers;
+  P stays 10 although the stride-32 map is 2×2 (so hard_split repeats cells and warns).
 - "hard_split" is Table 2 #2 (P×P average pooling in RIA); #1 (split the input image) is not here.
+
+fusion_weight="logit" (the release's Eq. 1): see Config.fusion_weight for what it does here.
 
 Reference code: https://github.com/henghuiding/ReLA (branches main and original), LAVT's PWAM:
 https://github.com/yz93/LAVT-RIS (lib/backbone.py).
@@ -56,10 +83,10 @@ https://github.com/yz93/LAVT-RIS (lib/backbone.py).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,15 +97,13 @@ from common import weighted_ce_loss
 TEXT_ENCODER = "bert"
 
 ABLATIONS: dict[str, str] = {
-    "hard_split": "RIA replaced by average pooling the image feature into P×P cells (Table 2 #2)",
-    "no_minimap": "no minimap supervision: region queries become plain queries (Table 2 #3)",
-    "no_region_att": "RLA without region self-attention F_r1 (Table 3 #2, language att. only)",
-    "no_language_att": "RLA without region-language attention; F_r2 = F'_r * mean word feature, "
-    "the Table 3 baseline fusion (Table 3 #3, region att. only)",
-    "no_encoder_fusion": "plain Swin, no LAVT pixel-word attention in the stages "
-    "(released-code design choice, not a paper table)",
+    "hard_split": "RIA replaced by average pooling the image feature into P×P cells",
+    "no_minimap": "no minimap supervision: region queries become plain learnable queries",
+    "no_region_att": "RLA without region self-attention F_r1",
+    "no_language_att": "RLA without region-language attention; F_r2 = F'_r * mean word feature",
+    "no_encoder_fusion": "plain Swin and BERT, no LAVT pixel-word attention in the Swin stages",
 }
-# Non-boolean ablation: P (Table 4: 4, 8, 10, 12) is the Config field `P` (`--set P=8`).
+# Non-boolean switches are Config fields: P (Table 4), no_target_pixels (Table 6 ReLA-50pix).
 
 SWIN_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
@@ -121,6 +146,9 @@ class Config:
     ablate: tuple[str, ...] = ()
     # --- language-aware Swin (LAVT PWAM, released swin.py) ---
     pwam_dropout: float = 0.0  # LAVT fusion_drop
+    # "release": both gate Linears zero (the release: zero gradient, gates closed for good);
+    # "learnable": only the second one zero (closed at the start, they open if useful).
+    gate_init: str = "learnable"
     # --- pixel decoder ---
     hidden_dim: int = 256  # C: CONVS_DIM = MASK_DIM = decoder HIDDEN_DIM
     encoder_layers: int = 6  # released: 6 deformable layers (ours: plain transformer layers)
@@ -131,7 +159,16 @@ class Config:
     dec_layers: int = 9  # released DEC_LAYERS 10 - 1
     num_heads: int = 8  # released NHEADS
     dec_ffn: int = 2048  # released DIM_FEEDFORWARD (the MLP of F_r = MLP(...))
-    fusion_weight: str = "prob"  # Eq. (1) weights: "prob" = x_r (paper), "logit" (released main)
+    # Eq. (1) weights: "prob" = x_r (paper); "logit" = fg - bg minimap logits (released main).
+    # "logit" trains here too (see test_logit_fusion_trains); it starts from weights of about
+    # logit(prior) = -3 on every region, so M is first a negative sum of all region masks.
+    fusion_weight: str = "prob"
+    prior: float = 0.04  # init only: the mask bias and x_r start at this foreground share
+    # --- no-target decision ---
+    # 0: the no-target head E decides (ReLA). > 0: Table 6 "ReLA-50pix": the head is ignored and a
+    # mask with fewer positive pixels than this (counted at 480×480, scaled with the image area)
+    # is no-target. The head still trains, so a trained model can be evaluated both ways.
+    no_target_pixels: float = 0.0
     # --- losses (released criterion.py) ---
     class_weight: tuple[float, float] = (0.9, 1.1)  # [bg, fg] in all three CE terms
     loss_scale: float = 5.0  # released MASK_WEIGHT, multiplies the whole loss_mask
@@ -145,35 +182,201 @@ class Config:
 
     @classmethod
     def tiny(cls) -> Config:
-        """Random-init small encoders for tests and the CPU demo (P stays at the paper's 10)."""
+        """The demo: the repository's pretrained tiny Swin + BERT (pretrain.py), 64 px, P = 10.
+
+        vision_config / text_config repeat the folders' architectures, so `pretrained=False`
+        (--no-pretrained, tests) builds the same encoders with random weights."""
         return cls(
             image_size=64,
-            vocab_size=128,
-            pretrained=False,
+            vocab_size=128,  # train.py sets len(tokenizer)
+            vision_name="pretrained/tiny-swin",
+            text_name="pretrained/tiny-bert",
             vision_config=dict(
                 image_size=64,
                 patch_size=4,
-                embed_dim=16,
-                depths=[1, 1, 1, 1],
+                embed_dim=32,
+                depths=[2, 2, 2, 2],
                 num_heads=[1, 2, 4, 8],
                 window_size=4,
+                mlp_ratio=4.0,
                 drop_path_rate=0.0,
             ),
             text_config=dict(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
+                hidden_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=256,
                 max_position_embeddings=32,
             ),
-            hidden_dim=32,
+            hidden_dim=64,  # = the tiny BERT width; Swin gives 32-256 channels
             encoder_layers=1,
-            encoder_ffn=64,
+            encoder_ffn=128,
             gn_groups=8,
-            dec_layers=3,
+            dec_layers=3,  # one pass over the three levels
             num_heads=4,
-            dec_ffn=64,
+            dec_ffn=128,
         )
+
+
+# The paper's ablation tables (gRefCOCO val, Swin-B, numbers in %). Table 2 #4, Table 3 #4 and
+# Table 4 "10×10" are the same model, the full ReLA. train.py --row "Table 2 #3" applies a row.
+_FULL = {"Prec@0.7": 74.20, "Prec@0.8": 68.33, "Prec@0.9": 24.68, "cIoU": 62.42, "gIoU": 63.60}
+TABLES: dict[str, dict[str, dict]] = {
+    "Table 2": {  # Ablation study of RIA design options (gRefCOCO val)
+        "#1 hard split, input": {
+            "skip": "splits the input image into P×P patches before the encoder (one encoder "
+            "pass per patch); this file only pools decoder features (#2)",
+            "paper": {
+                "Prec@0.7": 63.02,
+                "Prec@0.8": 59.81,
+                "Prec@0.9": 19.26,
+                "cIoU": 54.43,
+                "gIoU": 55.34,
+            },
+        },  # fmt: skip
+        "#2 hard split, decoder": {
+            "ablate": ("hard_split",),
+            "paper": {
+                "Prec@0.7": 70.34,
+                "Prec@0.8": 65.23,
+                "Prec@0.9": 21.47,
+                "cIoU": 60.08,
+                "gIoU": 60.93,
+            },
+            "note": "tiny: the stride-32 map is 2×2 < P×P, pooling repeats cells (warns)",
+        },  # fmt: skip
+        "#3 w/o minimap": {
+            "ablate": ("no_minimap",),
+            "paper": {
+                "Prec@0.7": 72.19,
+                "Prec@0.8": 66.02,
+                "Prec@0.9": 21.07,
+                "cIoU": 61.30,
+                "gIoU": 62.06,
+            },
+        },  # fmt: skip
+        "#4 ReLA": {"ablate": (), "paper": _FULL, "baseline": True},
+    },
+    "Table 3": {  # Ablation study of RLA design options (gRefCOCO val)
+        "#1 baseline (F'_r times mean word feature)": {
+            "ablate": ("no_region_att", "no_language_att"),
+            "paper": {
+                "Prec@0.7": 69.94,
+                "Prec@0.8": 61.10,
+                "Prec@0.9": 19.38,
+                "cIoU": 57.24,
+                "gIoU": 58.53,
+            },
+            "baseline": True,
+        },  # fmt: skip
+        "#2 + language att.": {
+            "ablate": ("no_region_att",),
+            "paper": {
+                "Prec@0.7": 72.03,
+                "Prec@0.8": 65.42,
+                "Prec@0.9": 21.04,
+                "cIoU": 59.86,
+                "gIoU": 60.53,
+            },
+        },  # fmt: skip
+        "#3 + region att.": {
+            "ablate": ("no_language_att",),
+            "paper": {
+                "Prec@0.7": 73.52,
+                "Prec@0.8": 67.01,
+                "Prec@0.9": 23.43,
+                "cIoU": 61.00,
+                "gIoU": 62.38,
+            },
+            "note": "baseline + region self-attention (the text: +3.85 gIoU over #1)",
+        },  # fmt: skip
+        "#4 ReLA": {"ablate": (), "paper": _FULL},
+    },
+    "Table 4": {  # Ablation study of the number of regions (gRefCOCO val)
+        "P=4 4×4 regions": {
+            "set": {"P": 4},
+            "paper": {
+                "Prec@0.7": 68.48,
+                "Prec@0.8": 60.25,
+                "Prec@0.9": 20.33,
+                "cIoU": 56.57,
+                "gIoU": 57.01,
+            },
+        },  # fmt: skip
+        "P=8 8×8 regions": {
+            "set": {"P": 8},
+            "paper": {
+                "Prec@0.7": 72.36,
+                "Prec@0.8": 66.85,
+                "Prec@0.9": 23.56,
+                "cIoU": 59.74,
+                "gIoU": 61.23,
+            },
+        },  # fmt: skip
+        "P=10 10×10 regions": {"set": {"P": 10}, "paper": _FULL, "baseline": True},
+        "P=12 12×12 regions": {
+            "set": {"P": 12},
+            "paper": {
+                "Prec@0.7": 74.14,
+                "Prec@0.8": 67.56,
+                "Prec@0.9": 23.90,
+                "cIoU": 62.02,
+                "gIoU": 63.50,
+            },
+        },  # fmt: skip
+    },
+    "Table 5": {  # Comparison on gRefCOCO (val); only the two ReLA-decoder rows built here
+        "LAVT+ReLA LAVT's encoder, ReLA decoder": {
+            "ablate": (),
+            "paper": {"cIoU": 61.23, "gIoU": 61.32},
+            "note": "this is the release's architecture (its README reports 62.42 / 63.60 for it)",
+        },
+        "ReLA separate encoders (Fig. 4)": {
+            "ablate": ("no_encoder_fusion",),
+            "paper": {"cIoU": 62.42, "gIoU": 63.60},
+            "baseline": True,
+            "note": "the paper's description; the release fuses in the encoder (LAVT+ReLA row)",
+        },
+        "VLT+ReLA VLT's encoder, ReLA decoder": {
+            "skip": "VLT's encoder is not in this repository",
+            "paper": {"cIoU": 58.65, "gIoU": 59.43},
+        },
+    },
+    "Table 6": {  # No-target results on gRefCOCO (val)
+        "ReLA-50pix no-target head off, <50 px = no-target": {
+            "set": {"no_target_pixels": 50.0},
+            "paper": {"N-acc": 49.96, "T-acc": 96.28},
+            "note": "50 px at 480×480; scaled with the area (<1 px at 64: an empty mask)",
+        },
+        "ReLA": {"ablate": (), "paper": {"N-acc": 56.37, "T-acc": 96.32}, "baseline": True},
+        "MattNet": {"skip": "another method", "paper": {"N-acc": 41.15, "T-acc": 96.13}},
+        "VLT": {"skip": "another method", "paper": {"N-acc": 47.17, "T-acc": 95.72}},
+        "LAVT": {"skip": "another method", "paper": {"N-acc": 49.32, "T-acc": 96.18}},
+    },
+}
+
+# The paper gives no recipe: the release's (configs/referring_swin_base.yaml -> referring_R50.yaml
+# SOLVER, train_net.py build_optimizer, detectron2 defaults), branch main.
+RECIPE = {
+    "optimizer": "adamw",  # SOLVER.OPTIMIZER ADAMW
+    "lr": 1e-5,  # SOLVER.BASE_LR
+    "encoder_lr_factor": 1.0,  # BACKBONE_MULTIPLIER 0.1 is defined but build_optimizer ignores it
+    "weight_decay": 0.05,  # SOLVER.WEIGHT_DECAY (0 for norms/embeddings/pos tables in the release)
+    "schedule": "step",  # WarmupMultiStepLR (detectron2 default LR_SCHEDULER_NAME)
+    "poly_power": 0.9,  # unused (step schedule)
+    "milestones": (110000, 140000),  # SOLVER.STEPS
+    "gamma": 0.1,  # detectron2 default SOLVER.GAMMA
+    "warmup": 0,  # WARMUP_ITERS 10 with WARMUP_FACTOR 1.0: no warm-up in effect
+    "iterations": 150000,  # SOLVER.MAX_ITER
+    "batch_size": 48,  # SOLVER.IMS_PER_BATCH (README: 8 GPUs)
+    "grad_clip": 0.01,  # CLIP_GRADIENTS full_model, CLIP_VALUE 0.01, L2 norm
+    # train_net.py adds only BERT encoder layers 0-9 to the optimizer (LAVT's pattern).
+    "frozen": (
+        "text_encoder.embeddings",
+        "text_encoder.encoder.layer.10",
+        "text_encoder.encoder.layer.11",
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,11 +425,6 @@ def minimap_target(masks: torch.Tensor, P: int) -> torch.Tensor:
     return small.long().flatten(1)  # (B, 1, P, P) -> (B, P*P)
 
 
-def fuse_region_masks(weights: torch.Tensor, M_r: torch.Tensor) -> torch.Tensor:
-    """Eq. (1): M = Σ_n x_r^n M_r^n. weights (B, N), M_r (B, N, h, w) -> M (B, 1, h, w)."""
-    return torch.einsum("bn,bnhw->bhw", weights, M_r)[:, None]  # Eq. (1)
-
-
 def attention(q, k, v, heads: int, key_mask=None):
     """Scaled dot-product attention split into heads; softmax over the KEY axis.
 
@@ -247,7 +445,150 @@ def attention(q, k, v, heads: int, key_mask=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Language-aware Swin encoder (LAVT's PWAM + language gate, as ReLA's released swin.py)
+# ReLAtionship modelling (§4.2): RIA (Eq. 2), RLA (Eq. 3), one decoder layer
+
+
+class RIA(nn.Module):
+    """Region-Image cross Attention (Fig. 5a): each region query collects its own image area.
+
+    Eq. (2): A_ri = softmax(Q_r σ(F_i W_ik)^T) over the H*W pixels; the gathered features are
+    A_ri σ(F_i W_iv). As released (Mask2Former), layer l > 0 queries with the previous layer's F_r
+    and adds the gathered features to it: F'_r = LN(F_r + A_ri σ(F_i W_iv)).
+    With hard_split (Table 2 #2) A_ri is replaced by a fixed P×P average pooling of σ(F_i W_iv).
+    """
+
+    def __init__(self, C: int, heads: int):
+        super().__init__()
+        self.W_ik = nn.Linear(C, C)
+        self.W_iv = nn.Linear(C, C)
+        self.norm = nn.LayerNorm(C)
+        self.heads = heads
+
+    def forward(self, F_r, query_pos, F_i, pos, hw: tuple[int, int], hard_split: bool = False):
+        """F_r (B, N, C) (Q_r in layer 0), query_pos (N, C), F_i (B, H*W, C), pos (H*W, C).
+
+        Returns F'_r (B, N, C) and A_ri (B, heads, N, H*W) (None with hard_split)."""
+        V = F.gelu(self.W_iv(F_i))  # σ(F_i W_iv): (B, H*W, C)
+        if hard_split:
+            B, _, C = V.shape
+            P = math.isqrt(F_r.shape[1])
+            grid = V.transpose(1, 2).reshape(B, C, *hw)  # (B, C, H, W)
+            gathered = F.adaptive_avg_pool2d(grid, P).flatten(2).transpose(1, 2)  # (B, P*P, C)
+            A_ri = None
+        else:
+            K = F.gelu(self.W_ik(F_i + pos))  # σ(F_i W_ik): (B, H*W, C)
+            # Eq. (2): A_ri (B, heads, N, H*W), softmax over pixels; gathered = A_ri V (B, N, C)
+            gathered, A_ri = attention(F_r + query_pos, K, V, self.heads)
+        return self.norm(F_r + gathered), A_ri  # F'_r (B, N, C)
+
+
+class RLA(nn.Module):
+    """Region-Language cross Attention (Fig. 5b): region-region and region-word interaction.
+
+    F_r1 = self-attention over regions; Eq. (3): A_l = softmax(σ(F'_r W_lq) σ(F_t W_lk)^T) over
+    words, F_r2 = A_l F_t; F_r = MLP(F'_r + F_r1 + F_r2) (here with residual + LayerNorm).
+    """
+
+    def __init__(self, C: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(C, heads, batch_first=True)
+        self.W_lq = nn.Linear(C, C)
+        self.W_lk = nn.Linear(C, C)
+        self.heads = heads
+        self.mlp = nn.Sequential(nn.Linear(C, ffn), nn.ReLU(), nn.Linear(ffn, C))
+        self.norm = nn.LayerNorm(C)
+
+    def forward(self, F_r_prime, query_pos, F_t, word_mask, region_att=True, language_att=True):
+        """F_r_prime (B, N, C), query_pos (N, C), F_t (B, L, C), word_mask (B, L) -> F_r."""
+        S = F_r_prime
+        if region_att:
+            q = F_r_prime + query_pos  # (B, N, C)
+            F_r1 = self.self_attn(q, q, F_r_prime, need_weights=False)[0]  # (B, N, C)
+            S = S + F_r1
+        if language_att:
+            q, k = F.gelu(self.W_lq(F_r_prime)), F.gelu(self.W_lk(F_t))  # (B, N, C), (B, L, C)
+            F_r2, _ = attention(q, k, F_t, self.heads, word_mask)  # Eq. (3): F_r2 = A_l F_t
+        else:
+            # Table 3 baseline fusion: region features times the mean (unpadded) word feature.
+            m = word_mask[..., None].to(F_t.dtype)  # (B, L, 1)
+            F_r2 = F_r_prime * ((F_t * m).sum(1, keepdim=True) / m.sum(1, keepdim=True))
+        S = S + F_r2
+        return self.norm(S + self.mlp(S))  # F_r = MLP(F'_r + F_r1 + F_r2)
+
+
+class ReLALayer(nn.Module):
+    """One decoder layer: F'_r = RIA(F_r, F_i); F_r <- RLA(F'_r, F_t)."""
+
+    def __init__(self, C: int, heads: int, ffn: int):
+        super().__init__()
+        self.ria = RIA(C, heads)
+        self.rla = RLA(C, heads, ffn)
+
+    def forward(self, F_r, query_pos, F_i, pos, hw, F_t, word_mask, ablate=()):
+        """F_r (B, N, C) from the previous layer -> (F'_r, F_r), both (B, N, C)."""
+        F_r_prime, _ = self.ria(F_r, query_pos, F_i, pos, hw, hard_split="hard_split" in ablate)
+        F_r = self.rla(
+            F_r_prime,
+            query_pos,
+            F_t,
+            word_mask,
+            region_att="no_region_att" not in ablate,
+            language_att="no_language_att" not in ablate,
+        )
+        return F_r_prime, F_r
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs (§4.1, Fig. 4): region masks M_r, minimap x_r, Eq. (1), no-target score E
+
+
+def fuse_region_masks(weights: torch.Tensor, M_r: torch.Tensor) -> torch.Tensor:
+    """Eq. (1): M = Σ_n x_r^n M_r^n. weights (B, N), M_r (B, N, h, w) -> M (B, 1, h, w)."""
+    return torch.einsum("bn,bnhw->bhw", weights, M_r)[:, None]  # Eq. (1)
+
+
+class RegionHeads(nn.Module):
+    """The released heads: 3-layer filter MLP, Linear minimap, 2-layer no-target MLP.
+
+    Initialisation (ours, see the docstring): every region mask starts small (last filter layer
+    std 0.01) and M starts at the prior bias, so the mask CE starts near its calibrated value;
+    the minimap head starts at the same prior, so x_r ~ 4% and its CE starts calibrated too.
+    """
+
+    def __init__(self, C: int, fusion_weight: str, prior: float):
+        super().__init__()
+        self.fusion_weight = fusion_weight
+        self.region_filter = nn.Sequential(
+            nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C)
+        )
+        self.minimap_head = nn.Linear(C, 2)  # (bg, fg) logits per region
+        self.no_target_head = nn.Sequential(nn.Linear(C, C), nn.ReLU(), nn.Linear(C, 2))
+        prior_logit = math.log(prior / (1 - prior))
+        self.mask_bias = nn.Parameter(torch.tensor(prior_logit))  # b in M = Σ x_r M_r + b
+        nn.init.normal_(self.region_filter[-1].weight, std=0.01)
+        nn.init.zeros_(self.region_filter[-1].bias)
+        with torch.no_grad():
+            self.minimap_head.bias.copy_(torch.tensor([0.0, prior_logit]))
+
+    def forward(self, F_r_prime, F_r, F_m):
+        """F_r_prime, F_r (B, N, C), F_m (B, C, h, w) -> M_r (B, N, h, w), minimap logits
+        (B, N, 2), x_r (B, N), M (B, 1, h, w), no-target logits (B, 2)."""
+        F_f = self.region_filter(F_r_prime)  # region filters from RIA's F'_r (§4.2): (B, N, C)
+        M_r = torch.einsum("bnc,bchw->bnhw", F_f, F_m)  # region masks (B, N, h, w)
+        minimap_logits = self.minimap_head(F_r)  # (B, N, 2)
+        x_r = minimap_logits.softmax(-1)[..., 1]  # P(region n contains a target): (B, N)
+        if self.fusion_weight == "prob":
+            weights = x_r
+        else:  # released main: channel a = Σ_n logit_a^n M_r^n, so fg - bg is this weighting
+            weights = minimap_logits[..., 1] - minimap_logits[..., 0]
+        M = fuse_region_masks(weights, M_r) + self.mask_bias  # Eq. (1) + prior bias
+        nt_logits = self.no_target_head(F_r.mean(1))  # E from the mean region feature: (B, 2)
+        return M_r, minimap_logits, x_r, M, nt_logits
+
+
+# =============================================================================================
+# Plumbing the paper builds on (not ReLA's contribution): the released code's language-aware
+# Swin (LAVT's PWAM + gate) and a Mask2Former-style pixel decoder.
 
 
 class PWAM(nn.Module):
@@ -284,11 +625,11 @@ class LanguageAwareSwin(nn.Module):
 
     We iterate the stages of transformers' SwinBackbone (5.23: swin.embeddings, then per stage
     encoder.layers[i].blocks and .downsample; tests/test_rela.py checks this against
-    SwinBackbone's own forward). Stage i hands the decoder LayerNorm(F_i), the PWAM output, and
-    the next stage gets x + gate(F_i) * F_i.
+    SwinBackbone's own forward). Stage i hands the decoder LayerNorm(fused), the PWAM output, and
+    the next stage gets x + gate(fused) * fused.
     """
 
-    def __init__(self, backbone: SwinBackbone, text_dim: int, dropout: float = 0.0):
+    def __init__(self, backbone: SwinBackbone, text_dim: int, dropout=0.0, gate_init="learnable"):
         super().__init__()
         self.backbone = backbone
         dims = backbone.channels  # [C1, C2, C3, C4] = embed_dim * (1, 2, 4, 8)
@@ -304,7 +645,11 @@ class LanguageAwareSwin(nn.Module):
             for d in dims[:-1]
         )
         for gate in self.gates:
-            nn.init.zeros_(gate[2].weight)  # zero-init: training starts from the plain Swin stream
+            # Both closed at the start. "release": both Linears zero, so ReLU(0) and the zero
+            # second Linear block each other's gradient: the gates never open (the release).
+            nn.init.zeros_(gate[2].weight)
+            if gate_init == "release":
+                nn.init.zeros_(gate[0].weight)
         # SwinModel's final LayerNorm only normalises last_hidden_state, which we never read.
         backbone.swin.layernorm.requires_grad_(False)
 
@@ -316,22 +661,18 @@ class LanguageAwareSwin(nn.Module):
         for i, stage in enumerate(swin.encoder.layers):
             for block in stage.blocks:
                 x = block(x, (h, w), always_partition=True)[0]  # (B, h*w, C_i)
-            F_i = x
+            fused = x
             if fuse:
-                F_i = self.pwams[i](x, words, word_mask)  # (B, h*w, C_i)
+                fused = self.pwams[i](x, words, word_mask)  # (B, h*w, C_i)
                 if i < len(self.gates):
-                    x = x + self.gates[i](F_i) * F_i  # language gate (LAVT "LG")
-            F_i = self.backbone.hidden_states_norms[SWIN_STAGES[i]](F_i)
-            B, _, C = F_i.shape
-            feats.append(F_i.transpose(1, 2).reshape(B, C, h, w))  # (B, h*w, C) -> (B, C, h, w)
+                    x = x + self.gates[i](fused) * fused  # language gate (LAVT "LG")
+            fused = self.backbone.hidden_states_norms[SWIN_STAGES[i]](fused)
+            B, _, C = fused.shape
+            feats.append(fused.transpose(1, 2).reshape(B, C, h, w))  # (B, h*w, C) -> (B, C, h, w)
             if stage.downsample is not None:
                 x = stage.downsample(x, (h, w))  # patch merging: (B, h*w/4, 2C)
                 h, w = (h + 1) // 2, (w + 1) // 2
         return feats
-
-
-# ---------------------------------------------------------------------------------------------
-# Pixel decoder: mask features F_m (stride 4) and the three levels F_i that RIA reads
 
 
 def _conv_gn(c_in: int, c_out: int, k: int, groups: int, relu: bool) -> nn.Sequential:
@@ -375,100 +716,12 @@ class PixelDecoder(nn.Module):
         return self.mask_proj(levels[3]), levels[:3]  # F_m (B, C, H/4, W/4), [s32, s16, s8]
 
 
-# ---------------------------------------------------------------------------------------------
-# ReLAtionship modelling (§4.2): RIA (Eq. 2) and RLA (Eq. 3)
-
-
-class RIA(nn.Module):
-    """Region-Image cross Attention (Fig. 5a): each region query collects its own image area.
-
-    Eq. (2): A_ri = softmax(Q_r σ(F_i W_ik)^T) over the H*W pixels; F'_r = A_ri σ(F_i W_iv).
-    With hard_split (Table 2 #2) A_ri is replaced by a fixed P×P average pooling of σ(F_i W_iv).
-    """
-
-    def __init__(self, C: int, heads: int):
-        super().__init__()
-        self.W_ik = nn.Linear(C, C)
-        self.W_iv = nn.Linear(C, C)
-        self.heads = heads
-
-    def forward(self, Q_r, F_i, pos, hw: tuple[int, int], hard_split: bool = False):
-        """Q_r (B, N, C) queries (+ position), F_i (B, H*W, C), pos (H*W, C) -> (B, N, C), A_ri."""
-        V = F.gelu(self.W_iv(F_i))  # σ(F_i W_iv): (B, H*W, C)
-        if hard_split:
-            B, _, C = V.shape
-            P = math.isqrt(Q_r.shape[1])
-            grid = V.transpose(1, 2).reshape(B, C, *hw)  # (B, C, H, W)
-            return F.adaptive_avg_pool2d(grid, P).flatten(2).transpose(1, 2), None  # (B, P*P, C)
-        K = F.gelu(self.W_ik(F_i + pos))  # σ(F_i W_ik): (B, H*W, C)
-        F_r_prime, A_ri = attention(Q_r, K, V, self.heads)  # Eq. (2): A_ri (B, heads, N, H*W)
-        return F_r_prime, A_ri
-
-
-class RLA(nn.Module):
-    """Region-Language cross Attention (Fig. 5b): region-region and region-word interaction.
-
-    F_r1 = self-attention over regions; Eq. (3): A_l = softmax(σ(F'_r W_lq) σ(F_t W_lk)^T) over
-    words, F_r2 = A_l F_t; F_r = MLP(F'_r + F_r1 + F_r2) (here with residual + LayerNorm).
-    """
-
-    def __init__(self, C: int, heads: int, ffn: int):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(C, heads, batch_first=True)
-        self.W_lq = nn.Linear(C, C)
-        self.W_lk = nn.Linear(C, C)
-        self.heads = heads
-        self.mlp = nn.Sequential(nn.Linear(C, ffn), nn.ReLU(), nn.Linear(ffn, C))
-        self.norm = nn.LayerNorm(C)
-
-    def forward(self, F_r_prime, query_pos, F_t, word_mask, region_att=True, language_att=True):
-        """F_r_prime (B, N, C), query_pos (N, C), F_t (B, L, C), word_mask (B, L) -> (B, N, C)."""
-        S = F_r_prime
-        if region_att:
-            q = F_r_prime + query_pos  # (B, N, C)
-            F_r1 = self.self_attn(q, q, F_r_prime, need_weights=False)[0]  # (B, N, C)
-            S = S + F_r1
-        if language_att:
-            q, k = F.gelu(self.W_lq(F_r_prime)), F.gelu(self.W_lk(F_t))  # (B, N, C), (B, L, C)
-            F_r2, _ = attention(q, k, F_t, self.heads, word_mask)  # Eq. (3): F_r2 = A_l F_t
-        else:
-            # Table 3 baseline fusion: region features times the mean (unpadded) word feature.
-            m = word_mask[..., None].to(F_t.dtype)  # (B, L, 1)
-            F_r2 = F_r_prime * ((F_t * m).sum(1, keepdim=True) / m.sum(1, keepdim=True))
-        S = S + F_r2
-        return self.norm(S + self.mlp(S))  # F_r = MLP(F'_r + F_r1 + F_r2)
-
-
-class ReLALayer(nn.Module):
-    """One decoder layer: F'_r = LN(F_r + RIA(F_r)); F_r <- RLA(F'_r)."""
-
-    def __init__(self, C: int, heads: int, ffn: int):
-        super().__init__()
-        self.ria = RIA(C, heads)
-        self.ria_norm = nn.LayerNorm(C)
-        self.rla = RLA(C, heads, ffn)
-
-    def forward(self, F_r, query_pos, F_i, pos, hw, F_t, word_mask, ablate=()):
-        """F_r (B, N, C) from the previous layer -> (F'_r, F_r), both (B, N, C)."""
-        gathered, _ = self.ria(F_r + query_pos, F_i, pos, hw, hard_split="hard_split" in ablate)
-        F_r_prime = self.ria_norm(F_r + gathered)  # (B, N, C)
-        F_r = self.rla(
-            F_r_prime,
-            query_pos,
-            F_t,
-            word_mask,
-            region_att="no_region_att" not in ablate,
-            language_att="no_language_att" not in ablate,
-        )
-        return F_r_prime, F_r
-
-
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 # The model
 
 
 class ReLA(nn.Module):
-    """Fig. 4: language-aware Swin + BERT -> pixel decoder -> ReLAtionship modelling -> Eq. (1)."""
+    """Fig. 4: Swin + BERT -> pixel decoder -> ReLAtionship modelling -> Eq. (1), E."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -487,22 +740,19 @@ class ReLA(nn.Module):
             self.text_encoder = BertModel(text_config, add_pooling_layer=False)
         text_dim = self.text_encoder.config.hidden_size
         C, N = cfg.hidden_dim, cfg.P**2
-        self.vision = LanguageAwareSwin(backbone, text_dim, cfg.pwam_dropout)
+        self.vision = LanguageAwareSwin(backbone, text_dim, cfg.pwam_dropout, cfg.gate_init)
         self.pixel_decoder = PixelDecoder(
             backbone.channels, C, cfg.encoder_layers, cfg.num_heads, cfg.encoder_ffn, cfg.gn_groups
         )
         self.text_proj = nn.Linear(text_dim, C)  # F_t in the decoder's width C
-        self.query_feat = nn.Parameter(torch.randn(N, C) * 0.02)  # Q_r, region-based queries
-        self.query_pos = nn.Parameter(torch.randn(N, C) * 0.02)  # learnable position of region n
+        # Q_r and its position as released (nn.Embedding, N(0, 1)): N distinct queries from the
+        # start. (0.02·randn behind a LayerNorm made all regions start and stay identical.)
+        self.query_feat = nn.Embedding(N, C)  # Q_r, region-based queries
+        self.query_pos = nn.Embedding(N, C)  # learnable position of region n
         self.layers = nn.ModuleList(
             ReLALayer(C, cfg.num_heads, cfg.dec_ffn) for _ in range(cfg.dec_layers)
         )
-        # Heads (released: 3-layer mask MLP, Linear minimap, 2-layer no-target MLP).
-        self.region_filter = nn.Sequential(
-            nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C)
-        )
-        self.minimap_head = nn.Linear(C, 2)  # (bg, fg) logits per region
-        self.no_target_head = nn.Sequential(nn.Linear(C, C), nn.ReLU(), nn.Linear(C, 2))
+        self.heads = RegionHeads(C, cfg.fusion_weight, cfg.prior)
 
     def forward(self, images, input_ids, attention_mask, targets=None) -> dict:
         cfg, ablate = self.cfg, self.cfg.ablate
@@ -512,27 +762,26 @@ class ReLA(nn.Module):
         F_t = self.text_proj(words)  # (B, L, C)
 
         B = images.shape[0]
-        F_r = self.query_feat.expand(B, -1, -1)  # (B, N, C)
+        F_r = self.query_feat.weight.expand(B, -1, -1)  # Q_r: (B, N, C)
+        query_pos = self.query_pos.weight  # (N, C)
         for i, layer in enumerate(self.layers):
             level = levels[i % len(levels)]  # round-robin over strides 32, 16, 8
             h, w = level.shape[-2:]
             F_i = level.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
             pos = sine_position_encoding(h, w, F_i.shape[-1], F_i.device).to(F_i.dtype)
-            F_r_prime, F_r = layer(
-                F_r, self.query_pos, F_i, pos, (h, w), F_t, attention_mask, ablate
-            )
+            F_r_prime, F_r = layer(F_r, query_pos, F_i, pos, (h, w), F_t, attention_mask, ablate)
 
-        F_f = self.region_filter(F_r_prime)  # region filters from RIA's F'_r (§4.2): (B, N, C)
-        M_r = torch.einsum("bnc,bchw->bnhw", F_f, F_m)  # region masks (B, N, H/4, W/4)
-        minimap_logits = self.minimap_head(F_r)  # (B, N, 2)
-        x_r = minimap_logits.softmax(-1)[..., 1]  # P(region n contains a target): (B, N)
-        if cfg.fusion_weight == "prob":
-            weights = x_r
-        else:  # released main: channel a = Σ_n logit_a^n M_r^n, so fg - bg is this weighting
-            weights = minimap_logits[..., 1] - minimap_logits[..., 0]
-        M = fuse_region_masks(weights, M_r)  # Eq. (1): (B, 1, H/4, W/4)
-        nt_logits = self.no_target_head(F_r.mean(1))  # E from the mean region feature: (B, 2)
-        no_target_logits = nt_logits[:, 1] - nt_logits[:, 0]  # (B,), > 0 means "no target"
+        M_r, minimap_logits, x_r, M, nt_logits = self.heads(F_r_prime, F_r, F_m)
+        if cfg.no_target_pixels > 0:
+            # Table 6 "ReLA-50pix": the head is off; fewer positive pixels than the threshold
+            # (at the input size, as train.py thresholds) means no target.
+            H, W = images.shape[-2:]
+            up = F.interpolate(M.detach().float(), size=(H, W), mode="bilinear")
+            count = (up.sigmoid() > cfg.threshold).flatten(1).sum(1)  # (B,)
+            min_pixels = cfg.no_target_pixels * H * W / 480**2  # 50 px at the paper's 480×480
+            no_target_logits = min_pixels - count.to(M.dtype)  # (B,), > 0 means "no target"
+        else:
+            no_target_logits = nt_logits[:, 1] - nt_logits[:, 0]  # (B,), > 0 means "no target"
 
         mask_logits = M
         if not self.training:  # §4.1: a predicted no-target empties the output mask
@@ -543,6 +792,9 @@ class ReLA(nn.Module):
             "mask_logits_raw": M,
             "no_target_logits": no_target_logits,
             "minimap": x_r.reshape(B, cfg.P, cfg.P),  # (B, P, P) probabilities
+            "M_r": M_r,  # (B, N, H/4, W/4): region masks, for the panels
+            "F_r_prime": F_r_prime,  # (B, N, C): for diagnostics
+            "F_r": F_r,  # (B, N, C)
         }
         if targets is not None:
             out["loss"], out["losses"] = self.loss(M, minimap_logits, nt_logits, targets)
@@ -575,19 +827,87 @@ def build_model(cfg: Config) -> nn.Module:
             )
     if cfg.fusion_weight not in ("prob", "logit"):
         raise ValueError(f"fusion_weight must be 'prob' or 'logit', got '{cfg.fusion_weight}'")
+    if cfg.gate_init not in ("learnable", "release"):
+        raise ValueError(f"gate_init must be 'learnable' or 'release', got '{cfg.gate_init}'")
+    side = cfg.image_size // 32  # the coarsest map RIA reads
+    if "hard_split" in cfg.ablate and side < cfg.P:
+        warnings.warn(
+            f"hard_split: the stride-32 map is {side}×{side}, smaller than P×P = {cfg.P}×{cfg.P}; "
+            "average pooling repeats its cells, so several regions see the same features",
+            stacklevel=2,
+        )
     return ReLA(cfg)
 
 
-def sample_extra(outputs: dict, i: int, tokenizer) -> tuple[np.ndarray | None, str]:
-    """The predicted P×P minimap x_r, captioned with the no-target probability."""
-    minimap = outputs["minimap"][i].detach().float().cpu().numpy()  # (P, P)
-    p = torch.sigmoid(outputs["no_target_logits"][i].detach().float()).item()
-    return minimap, f"no-target p={p:.2f}"
+# ---------------------------------------------------------------------------------------------
+# The mechanism, measured (train.py: diag/<name>) and drawn (samples.png)
+
+
+def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC (Mann-Whitney U with tied ranks averaged); NaN without both classes."""
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # rank of the last copy of each distinct value (1-based)
+    ranks = (last - (counts.double() - 1) / 2)[inverse]  # average rank of tied scores
+    return ((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def _mean_pairwise_cosine(feats: torch.Tensor) -> float:
+    """feats (B, N, C) -> mean cosine over the N(N-1) pairs of distinct regions, over B."""
+    f = F.normalize(feats.float(), dim=-1)
+    G = f @ f.transpose(1, 2)  # (B, N, N)
+    N = G.shape[-1]
+    return ((G.sum((1, 2)) - G.diagonal(dim1=1, dim2=2).sum(-1)) / (N * (N - 1))).mean().item()
+
+
+def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
+    """Does the minimap find the targets, and are the regions distinct?
+
+    minimap_auc: AUC of x_r against the P×P cells that hold any target pixel, over the cells of
+    the batch's targeted samples (1 = every target cell ranks above every other cell, 0.5 = no
+    better than chance). x_r_target / x_r_other: mean x_r on those cells / elsewhere.
+    region_cos / region_cos_prime: mean pairwise cosine of the N region features F_r / F'_r
+    (1 = all regions identical).
+    """
+    x_r = outputs["minimap"].float()  # (B, P, P)
+    B, P, _ = x_r.shape
+    masks = batch["mask"].to(x_r.device).float()  # (B, H, W)
+    cells = F.adaptive_max_pool2d(masks[:, None], P)[:, 0] > 0.5  # (B, P, P): any target pixel
+    targeted = cells.flatten(1).any(1)  # (B,)
+    scores, labels = x_r[targeted].flatten(), cells[targeted].flatten()
+    nan = float("nan")
+    return {
+        "minimap_auc": _auc(scores, labels),
+        "x_r_target": scores[labels].mean().item() if labels.any() else nan,
+        "x_r_other": scores[~labels].mean().item() if (~labels).any() else nan,
+        "region_cos": _mean_pairwise_cosine(outputs["F_r"]),
+        "region_cos_prime": _mean_pairwise_cosine(outputs["F_r_prime"]),
+    }
+
+
+def sample_extra(outputs: dict, i: int, tokenizer) -> list[tuple]:
+    """Fig. 7: the predicted minimap x_r (fixed 0-1 scale) and the region masks M_r of the three
+    most confident regions (sigmoid, 0-1, side by side, region (row, col) in the caption)."""
+    x_r = outputs["minimap"][i].detach().float().cpu()  # (P, P)
+    P = x_r.shape[0]
+    p_nt = torch.sigmoid(outputs["no_target_logits"][i].detach().float()).item()
+    panels = [
+        (x_r.numpy(), f"minimap x_r (max {float(x_r.max()):.2f}), no-target p={p_nt:.2f}", (0, 1))
+    ]
+    top = x_r.flatten().topk(3).indices.tolist()
+    M_r = outputs["M_r"][i, top].detach().float().sigmoid().cpu()  # (3, h, w)
+    gap = torch.full((M_r.shape[1], 1), float("nan"))  # a blank column between the masks
+    montage = torch.cat([M_r[0], gap, M_r[1], gap, M_r[2]], 1).numpy()  # (h, 3w + 2)
+    where = ", ".join(f"({n // P},{n % P})" for n in top)
+    panels.append((montage, f"sigmoid(M_r), top-3 x_r regions {where}", (0, 1)))
+    return panels
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    cfg = Config.tiny()
+    cfg = Config(**{**Config.tiny().__dict__, "pretrained": False})  # no folders needed
     model = build_model(cfg)
     B, L = 2, cfg.max_tokens
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size)

@@ -1,7 +1,9 @@
 """Tests for rela.py: each component against its equation, then the whole model on tiny configs."""
 
+import contextlib
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -13,8 +15,12 @@ import rela
 
 
 def small_cfg(**kw) -> rela.Config:
-    """Smaller than Config.tiny() where the test allows (fast on 2 busy cores)."""
-    return dataclasses.replace(rela.Config.tiny(), dec_layers=2, **kw)
+    """Config.tiny()'s structure with random, smaller encoders (fast on 2 busy cores)."""
+    tiny = rela.Config.tiny()
+    vision = {**tiny.vision_config, "embed_dim": 16, "depths": [1, 1, 1, 1]}
+    text = {**tiny.text_config, "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64}
+    kw = {"pretrained": False, "vision_config": vision, "text_config": text, "dec_layers": 2, **kw}
+    return dataclasses.replace(tiny, hidden_dim=32, dec_ffn=64, encoder_ffn=64, **kw)
 
 
 def make_batch(cfg: rela.Config, B: int = 2, seed: int = 0):
@@ -41,29 +47,29 @@ def test_ria_is_eq2_softmax_over_pixels():
     torch.manual_seed(0)
     B, N, HW, C = 2, 9, 12, 16
     ria = rela.RIA(C, heads=1)
-    Q_r, F_i = torch.randn(B, N, C), torch.randn(B, HW, C)
-    F_r_prime, A_ri = ria(Q_r, F_i, torch.zeros(HW, C), (3, 4))
+    Q_r, F_i, zeros = torch.randn(B, N, C), torch.randn(B, HW, C), torch.zeros(N, C)
+    F_r_prime, A_ri = ria(Q_r, zeros, F_i, torch.zeros(HW, C), (3, 4))
     assert A_ri.shape == (B, 1, N, HW)
     torch.testing.assert_close(A_ri.sum(-1), torch.ones(B, 1, N))  # each region: a map over pixels
-    # Eq. (2) written out, single head: softmax(Q_r σ(F_i W_ik)^T / sqrt(C)), F'_r = A σ(F_i W_iv).
+    # Eq. (2) written out, single head: softmax(Q_r σ(F_i W_ik)^T / sqrt(C)); gathered A σ(F_i W_iv)
     K, V = F.gelu(ria.W_ik(F_i)), F.gelu(ria.W_iv(F_i))
     A = torch.softmax(Q_r @ K.transpose(1, 2) / math.sqrt(C), dim=2)  # dim 2 = pixels
     torch.testing.assert_close(A_ri[:, 0], A)
-    torch.testing.assert_close(F_r_prime, A @ V)
+    torch.testing.assert_close(F_r_prime, ria.norm(Q_r + A @ V))  # F'_r = LN(F_r + gathered)
     # Multi-head attention still normalises every head over pixels.
-    _, A_ri = rela.RIA(C, heads=4)(Q_r, F_i, torch.zeros(HW, C), (3, 4))
+    _, A_ri = rela.RIA(C, heads=4)(Q_r, zeros, F_i, torch.zeros(HW, C), (3, 4))
     torch.testing.assert_close(A_ri.sum(-1), torch.ones(B, 4, N))
 
 
 def test_hard_split_averages_the_cells():
     torch.manual_seed(0)
     ria = rela.RIA(8, heads=2)
-    F_i = torch.randn(1, 16, 8)  # a 4x4 map, P = 2 -> four 2x2 cells
-    pooled, A = ria(torch.randn(1, 4, 8), F_i, torch.zeros(16, 8), (4, 4), hard_split=True)
+    F_i, Q_r = torch.randn(1, 16, 8), torch.randn(1, 4, 8)  # a 4x4 map, P = 2 -> four 2x2 cells
+    F_r_prime, A = ria(Q_r, torch.zeros(4, 8), F_i, torch.zeros(16, 8), (4, 4), hard_split=True)
     V = F.gelu(ria.W_iv(F_i)).reshape(4, 4, 8)
     assert A is None
-    torch.testing.assert_close(pooled[0, 1], V[0:2, 2:4].mean((0, 1)))  # cell (0, 1)
-    torch.testing.assert_close(pooled[0, 2], V[2:4, 0:2].mean((0, 1)))  # cell (1, 0)
+    pooled = torch.stack([V[0:2, 0:2], V[0:2, 2:4], V[2:4, 0:2], V[2:4, 2:4]]).mean((1, 2))
+    torch.testing.assert_close(F_r_prime[0], ria.norm(Q_r[0] + pooled))  # cells row-major
 
 
 def test_rla_language_attention_ignores_padding():
@@ -111,7 +117,7 @@ def test_language_aware_swin_structure():
     """Fails loudly if transformers' Swin internals change: with fusion off, iterating the stages
     must reproduce SwinBackbone's own feature maps (strides 4..32, channels C..8C)."""
     torch.manual_seed(0)
-    cfg = small_cfg()
+    cfg = rela.Config.tiny()  # the shared tiny Swin's architecture: 2 blocks (shifted) per stage
     backbone = SwinBackbone(SwinConfig(**cfg.vision_config, out_features=rela.SWIN_STAGES)).eval()
     vision = rela.LanguageAwareSwin(backbone, text_dim=32).eval()
     images = torch.randn(2, 3, 64, 64)
@@ -130,21 +136,124 @@ def test_language_aware_swin_structure():
         assert not torch.allclose(a, c)  # PWAM changes what the decoder sees
 
 
+def test_gate_init_release_never_opens():
+    """The release zero-inits both gate Linears: zero gradient, so the gates stay closed."""
+    torch.manual_seed(0)
+    for gate_init, opens in (("release", False), ("learnable", True)):
+        model = rela.build_model(small_cfg(gate_init=gate_init)).train()
+        images, ids, am, targets = make_batch(model.cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):  # step 1 moves the second Linear, step 2 then the first
+            opt.zero_grad()
+            model(images, ids, am, targets)["loss"].backward()
+            opt.step()
+        second = [gate[2].weight for gate in model.vision.gates]  # the Linear before the tanh
+        assert all((w.abs().sum() > 0) == opens for w in second), gate_init
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation, diagnostics, panels
+
+
+def test_initialisation_regions_distinct_and_mask_calibrated():
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    model = rela.build_model(cfg).train()
+    Q = model.query_feat.weight  # N(0, 1) as the release's nn.Embedding: N distinct queries
+    assert 0.8 < Q.std().item() < 1.2
+    Qn = F.normalize(Q, dim=-1)
+    assert (Qn @ Qn.T - torch.eye(len(Q))).abs().max() < 0.9
+    # A batch with ~4% foreground (the demo's share): the first mask CE is near the best constant.
+    images, ids, am, targets = make_batch(cfg, B=4)
+    masks = torch.zeros_like(targets["masks"])
+    masks[:3, 20:33, 20:33] = 1  # 169 px of 4096 in 3 of 4 samples: 3.1%
+    out = model(images, ids, am, {"masks": masks, "no_target": targets["no_target"]})
+    pi, (w0, w1) = masks.mean().item(), cfg.class_weight
+    q = w1 * pi / (w0 * (1 - pi) + w1 * pi)  # the weighted CE's best constant probability
+    best = -(w0 * (1 - pi) * math.log(1 - q) + w1 * pi * math.log(q)) / (w0 * (1 - pi) + w1 * pi)
+    assert out["losses"]["mask"] < 1.5 * best, (out["losses"]["mask"], best)
+    assert out["mask_logits_raw"].abs().mean() < 5  # not the ±20-40 of a sum of 100 raw masks
+    assert rela.diagnostics(out, {"mask": masks})["region_cos_prime"] < 0.9
+
+
+def test_diagnostics_on_a_hand_made_case():
+    P, C = 4, 8
+    masks = torch.zeros(3, 16, 16)
+    masks[0, 0:5, 0:3] = 1  # touches cells (0, 0), (1, 0)
+    masks[1, 12:16, 12:16] = 1  # cell (3, 3); sample 2 has no target (not counted)
+    cells = torch.zeros(3, P, P)
+    cells[0, 0, 0] = cells[0, 1, 0] = cells[1, 3, 3] = 1
+    feats = torch.zeros(3, P * P, C)
+    feats[..., 0] = 1  # identical regions
+    out = {"minimap": 0.1 + 0.8 * cells, "F_r": feats}
+    out["F_r_prime"] = torch.eye(P * P)[None].expand(3, -1, -1)  # orthogonal regions
+    d = rela.diagnostics(out, {"mask": masks})
+    assert d["minimap_auc"] == 1.0
+    assert d["x_r_target"] == pytest.approx(0.9) and d["x_r_other"] == pytest.approx(0.1)
+    assert d["region_cos"] == pytest.approx(1.0) and d["region_cos_prime"] == pytest.approx(0.0)
+    out["minimap"] = 0.9 - 0.8 * cells  # inverted
+    assert rela.diagnostics(out, {"mask": masks})["minimap_auc"] == 0.0
+    out["minimap"] = torch.full((3, P, P), 0.3)  # constant: all ties
+    assert rela.diagnostics(out, {"mask": masks})["minimap_auc"] == 0.5
+    x = torch.zeros(3, P, P)
+    x[0, 0, 0], x[0, 2, 2], x[1, 3, 3] = 0.8, 0.9, 0.8
+    out["minimap"] = x
+    # Pooled over both targeted samples: positives 0.8, 0.0, 0.8 against 29 negatives (0.9 and
+    # 28 zeros): 28 + 14 (ties count 1/2) + 28 of 3 * 29 pairs.
+    assert rela.diagnostics(out, {"mask": masks})["minimap_auc"] == pytest.approx(70 / 87)
+    d = rela.diagnostics(out, {"mask": torch.zeros(3, 16, 16)})  # no targeted sample
+    assert math.isnan(d["minimap_auc"]) and math.isnan(d["x_r_target"])
+
+
+def test_auc_matches_pairwise_definition():
+    torch.manual_seed(0)
+    scores = torch.randint(0, 5, (60,)).float()  # many ties
+    labels = torch.rand(60) > 0.6
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()
+    assert rela._auc(scores, labels) == pytest.approx(pairs.mean().item())
+
+
+def test_no_target_pixels_rule():
+    """Table 6 ReLA-50pix: the head is ignored; fewer positive pixels than the threshold (50 at
+    480×480, scaled with the area) is no-target, and the mask is emptied."""
+    torch.manual_seed(0)
+    cfg = small_cfg(no_target_pixels=10.5 * 480**2 / 64**2)  # threshold 10.5 px at 64 px
+    model = rela.build_model(cfg).eval()
+    images, ids, am, _ = make_batch(cfg)
+    with torch.no_grad():
+        model.heads.no_target_head[-1].bias.copy_(torch.tensor([0.0, 50.0]))  # head: "no target"
+        M = torch.full((2, 1, 16, 16), -20.0)
+        M[0, 0, 4:8, 4:8] = 20.0  # sample 0: a 4×4 block at stride 4, ~16² pixels at 64 px
+        M[1, 0, 10, 10] = 10.0  # sample 1: one cell, 4 pixels above 0 after upsampling
+        model.heads.register_forward_hook(lambda m, i, o: (*o[:3], M, o[4]))
+        out = model(images, ids, am)
+    count = (F.interpolate(M, size=(64, 64), mode="bilinear").sigmoid() > 0.5).sum((1, 2, 3))
+    assert count[0] > 10.5 > count[1] > 0  # the hand-made case straddles the threshold
+    assert out["no_target_logits"][0] < 0 < out["no_target_logits"][1]  # the head is ignored
+    assert (out["mask_logits"][1] < -1e3).all()  # no-target empties the mask
+    torch.testing.assert_close(out["mask_logits"][0], M[0])
+    # 50 pixels at 480×480 is under one pixel at 64: only an empty mask is no-target.
+    assert 50 * 64**2 / 480**2 < 1
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 
 
 @pytest.mark.parametrize("P", [10, 5])
-def test_forward_backward_shapes(P):
+def test_forward_backward_shapes_and_panels(P):
     torch.manual_seed(0)
-    cfg = rela.Config.tiny() if P == 10 else small_cfg(P=P)
+    cfg = small_cfg(P=P)
     model = rela.build_model(cfg).train()
     images, ids, am, targets = make_batch(cfg)
     out = model(images, ids, am, targets)
-    B, s = 2, cfg.image_size // 4
+    B, s, N = 2, cfg.image_size // 4, P * P
     assert out["mask_logits"].shape == (B, 1, s, s)
     assert out["no_target_logits"].shape == (B,)
-    assert out["minimap"].shape == (B, cfg.P, cfg.P)
+    assert out["minimap"].shape == (B, P, P)
+    assert out["M_r"].shape == (B, N, s, s)
+    assert out["F_r"].shape == out["F_r_prime"].shape == (B, N, cfg.hidden_dim)
     assert ((out["minimap"] >= 0) & (out["minimap"] <= 1)).all()
     assert set(out["losses"]) == {"mask", "minimap", "no_target"}
     expected = cfg.loss_scale * (
@@ -152,19 +261,23 @@ def test_forward_backward_shapes(P):
     )
     torch.testing.assert_close(out["loss"].detach(), expected)
     out["loss"].backward()
-    extra, caption = rela.sample_extra(out, 1, tokenizer=None)
-    assert extra.shape == (cfg.P, cfg.P) and caption.startswith("no-target p=")
+    (minimap, caption, vrange), (montage, caption2, vrange2) = rela.sample_extra(out, 1, None)
+    assert minimap.shape == (P, P) and "no-target p=" in caption and vrange == (0, 1)
+    assert montage.shape == (s, 3 * s + 2) and vrange2 == (0, 1)
+    top = out["minimap"][1].flatten().argmax().item()
+    assert f"regions ({top // P},{top % P})" in caption2
+    np.testing.assert_allclose(montage[:, :s], out["M_r"][1, top].detach().sigmoid().numpy())
 
 
 def test_every_trainable_parameter_gets_a_gradient():
     torch.manual_seed(0)
-    cfg = rela.Config.tiny()  # 3 decoder layers: every pixel-decoder level is read by RIA
+    cfg = small_cfg(dec_layers=3)  # 3 decoder layers: every pixel-decoder level is read by RIA
     model = rela.build_model(cfg).train()
     images, ids, am, targets = make_batch(cfg)
     model(images, ids, am, targets)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
-    # Zero-initialised gates (ReLA) give their first Linear an exactly-zero gradient on step 1.
+    # Closed gates (second Linear zero) give their first Linear an exactly-zero gradient on step 1.
     zero = [
         n
         for n, p in model.named_parameters()
@@ -185,7 +298,7 @@ def test_overfit_one_batch():
     images, ids, am, targets = make_batch(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(25):
         loss = model(images, ids, am, targets)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -199,7 +312,7 @@ def test_no_target_empties_the_output():
     cfg = small_cfg()
     model = rela.build_model(cfg).eval()
     images, ids, am, _ = make_batch(cfg)
-    head = model.no_target_head[-1]
+    head = model.heads.no_target_head[-1]
     with torch.no_grad():
         head.bias.copy_(torch.tensor([0.0, 50.0]))  # E > 0: "no target"
         out = model(images, ids, am)
@@ -232,14 +345,15 @@ def test_fusion_weight_logit_is_fg_minus_bg():
     model = rela.build_model(small_cfg(fusion_weight="logit")).eval()
     images, ids, am, _ = make_batch(model.cfg)
     captured = {}
-    model.region_filter.register_forward_hook(lambda m, i, o: captured.update(F_f=o))
-    model.minimap_head.register_forward_hook(lambda m, i, o: captured.update(logits=o))
+    model.heads.region_filter.register_forward_hook(lambda m, i, o: captured.update(F_f=o))
+    model.heads.minimap_head.register_forward_hook(lambda m, i, o: captured.update(logits=o))
     model.pixel_decoder.register_forward_hook(lambda m, i, o: captured.update(F_m=o[0]))
     with torch.no_grad():
         M = model(images, ids, am)["mask_logits_raw"]
     M_r = torch.einsum("bnc,bchw->bnhw", captured["F_f"], captured["F_m"])
     two_channel = torch.einsum("bna,bnhw->bahw", captured["logits"], M_r)  # released (bg, fg)
-    torch.testing.assert_close(M[:, 0], two_channel[:, 1] - two_channel[:, 0])
+    bias = model.heads.mask_bias  # our prior bias (a deviation), the same on every pixel
+    torch.testing.assert_close(M[:, 0] - bias, two_channel[:, 1] - two_channel[:, 0])
 
 
 @pytest.mark.parametrize("name", list(rela.ABLATIONS))
@@ -247,7 +361,8 @@ def test_each_ablation_changes_the_computation(name):
     torch.manual_seed(0)
     cfg = small_cfg()
     base = rela.build_model(cfg).eval()
-    ablated = rela.build_model(dataclasses.replace(cfg, ablate=(name,))).eval()
+    with pytest.warns(UserWarning) if name == "hard_split" else _no_warning():
+        ablated = rela.build_model(dataclasses.replace(cfg, ablate=(name,))).eval()
     ablated.load_state_dict(base.state_dict())  # same weights: only the computation differs
     images, ids, am, targets = make_batch(cfg)
     with torch.no_grad():
@@ -262,11 +377,98 @@ def test_each_ablation_changes_the_computation(name):
     assert not torch.allclose(a["loss"], b["loss"])
 
 
-def test_unknown_ablation_and_bad_fusion_raise():
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def test_hard_split_warns_only_when_the_map_is_smaller_than_P():
+    with pytest.warns(UserWarning, match="stride-32 map is 2×2, smaller than P×P = 10×10"):
+        rela.build_model(small_cfg(ablate=("hard_split",)))
+    with _no_warning():  # 64 px / 32 = 2 >= P = 2: no warning
+        rela.build_model(small_cfg(ablate=("hard_split",), P=2))
+
+
+def test_unknown_ablation_and_bad_options_raise():
     with pytest.raises(ValueError, match="unknown ablation 'nope' for rela"):
         rela.build_model(dataclasses.replace(small_cfg(), ablate=("nope",)))
     with pytest.raises(ValueError, match="fusion_weight"):
         rela.build_model(small_cfg(fusion_weight="softmax"))
+    with pytest.raises(ValueError, match="gate_init"):
+        rela.build_model(small_cfg(gate_init="open"))
+
+
+# ---------------------------------------------------------------------------------------------
+# TABLES, RECIPE, presets
+
+
+def _rows():
+    return [(t, key, row) for t, rows in rela.TABLES.items() for key, row in rows.items()]
+
+
+def test_tables_format():
+    for table, rows in rela.TABLES.items():
+        ids = [key.split()[0] for key in rows]
+        assert len(set(ids)) == len(ids), table  # --row "<table> <id>" is unambiguous
+        assert sum(bool(r.get("baseline")) for r in rows.values()) <= 1, table
+        for key, row in rows.items():
+            assert set(row) <= {"ablate", "set", "paper", "baseline", "skip", "note"}, key
+            assert row["paper"] and all(0 < v <= 100 for v in row["paper"].values()), key
+            assert isinstance(row.get("skip", ""), str)
+            assert all(a in rela.ABLATIONS for a in row.get("ablate", ())), key
+            assert all(hasattr(rela.Config(), f) for f in row.get("set", {})), key
+    assert rela.TABLES["Table 6"]["ReLA-50pix no-target head off, <50 px = no-target"]["set"] == {
+        "no_target_pixels": 50.0
+    }
+
+
+@pytest.mark.parametrize(
+    "table,key",
+    [pytest.param(t, k, id=f"{t} {k.split()[0]}") for t, k, r in _rows() if "skip" not in r],
+)
+def test_every_table_row_builds_and_trains(table, key):
+    row = rela.TABLES[table][key]
+    torch.manual_seed(0)
+    cfg = small_cfg(dec_layers=1, ablate=tuple(row.get("ablate", ())), **row.get("set", {}))
+    with pytest.warns(UserWarning) if "hard_split" in cfg.ablate else _no_warning():
+        model = rela.build_model(cfg).train()
+    images, ids, am, targets = make_batch(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        out = model(images, ids, am, targets)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert torch.isfinite(out["loss"])
+    with torch.no_grad():
+        out = model.eval()(images, ids, am, targets)
+    assert out["minimap"].shape == (2, cfg.P, cfg.P)
+    assert all(
+        isinstance(v, float) for v in rela.diagnostics(out, {"mask": targets["masks"]}).values()
+    )
+
+
+def test_recipe_is_the_release():
+    r = rela.RECIPE
+    assert (r["optimizer"], r["lr"], r["weight_decay"], r["batch_size"]) == (
+        "adamw",
+        1e-5,
+        0.05,
+        48,
+    )
+    assert (r["schedule"], r["milestones"], r["gamma"], r["iterations"]) == (
+        "step",
+        (110000, 140000),
+        0.1,
+        150000,
+    )
+    assert r["grad_clip"] == 0.01 and "epochs" not in r
+    assert r["frozen"] == tuple(f"text_encoder.{m}" for m in ("embeddings", "encoder.layer.10",
+                                                               "encoder.layer.11"))  # fmt: skip
+    names = [n for n, _ in rela.build_model(small_cfg()).named_parameters()]
+    assert any(n.startswith("text_encoder.encoder.layer.0.") for n in names)  # the same naming
 
 
 def test_paper_config_is_the_paper_architecture():
@@ -288,6 +490,24 @@ def test_paper_config_is_the_paper_architecture():
     bert = BertConfig(**cfg.text_config)
     assert (bert.hidden_size, bert.num_hidden_layers, bert.vocab_size) == (768, 12, 30522)
     assert cfg.pretrained and cfg.text_name == "bert-base-uncased"
+
+
+def test_tiny_config_loads_the_shared_pretrained_encoders():
+    cfg = rela.Config.tiny()
+    assert cfg.pretrained and (cfg.vision_name, cfg.text_name) == (
+        "pretrained/tiny-swin",
+        "pretrained/tiny-bert",
+    )
+    swin, bert = SwinConfig(**cfg.vision_config), BertConfig(**cfg.text_config)
+    assert (swin.image_size, swin.patch_size, swin.embed_dim, list(swin.depths)) == (
+        64,
+        4,
+        32,
+        [2, 2, 2, 2],
+    )
+    assert (list(swin.num_heads), swin.window_size, swin.mlp_ratio) == ([1, 2, 4, 8], 4, 4.0)
+    assert (bert.hidden_size, bert.num_hidden_layers, bert.num_attention_heads) == (64, 4, 4)
+    assert (bert.intermediate_size, bert.max_position_embeddings) == (256, 32)
 
 
 def test_from_pretrained_local_directories(tmp_path):
