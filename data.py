@@ -893,21 +893,27 @@ def load_json(path: Path, what: str):
 def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
     """Union of polygon parts (flat [x0, y0, x1, y1, ...] lists) -> (h, w) bool, pixel for pixel
     what pycocotools gives (`decode(merge(frPyObjects(parts, h, w)))`, the official masks)."""
-    columns = np.zeros((width, height), dtype=bool)  # (w, h): the mask column by column
+    flat = np.zeros(width * height, dtype=bool)  # the mask column by column (column-major)
     for poly in polygons:
         if len(poly) < 6 or len(poly) % 2:  # fewer than 3 points (or a dangling coordinate)
             warnings.warn(f"skipping an invalid polygon with {len(poly)} coordinates", stacklevel=2)
             continue
-        columns |= _polygon_columns(poly, height, width)
-    return columns.T  # (h, w)
+        ends = _polygon_run_ends(poly, height, width)  # pixel indices where inside <-> outside
+        if len(ends) % 2:  # inside up to the last pixel
+            ends = np.append(ends, width * height)
+        if len(ends):  # runs inside, outside, inside, ... between the first and the last end
+            inside = np.repeat(np.arange(len(ends) - 1) % 2 == 0, np.diff(ends))
+            flat[ends[0] : ends[-1]] |= inside
+    return flat.reshape(width, height).T  # (h, w)
 
 
 _INT_MIN = -(2**31)  # what x86 gives for C's (int)NaN
 
 
-def _polygon_columns(poly: list[float], height: int, width: int) -> np.ndarray:
-    """One polygon -> (w, h) bool (the mask transposed) by pycocotools' rule (maskApi.c
-    rleFrPoly), vectorised.
+def _polygon_run_ends(poly: list[float], height: int, width: int) -> np.ndarray:
+    """One polygon -> the sorted column-major pixel indices where its mask flips between outside
+    and inside (the run ends of its RLE, from the top left pixel, outside first), by pycocotools'
+    rule (maskApi.c rleFrPoly), vectorised.
 
     The outline is drawn on a 5x finer grid (vertices rounded there), every step of it that
     crosses a pixel-centre column is kept as a "boundary" at the first pixel centre below it, and
@@ -951,9 +957,7 @@ def _polygon_columns(poly: list[float], height: int, width: int) -> np.ndarray:
     # The boundaries are the RLE's run ends: the pixels flip inside/outside at each of them, in
     # column-major order, so two at one pixel cancel (rleFrPoly merges their zero-length run).
     at, times = np.unique(flips, return_counts=True)
-    ends = np.concatenate([[0], at[(times % 2 == 1) & (at < h * w)], [h * w]])  # (runs + 1,)
-    inside = np.repeat(np.arange(len(ends) - 1) % 2 == 1, np.diff(ends))  # (h*w,) column-major
-    return inside.reshape(w, h)  # (w, h)
+    return at[(times % 2 == 1) & (at < h * w)]
 
 
 def rle_string_to_counts(s: str | bytes) -> list[int]:
