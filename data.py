@@ -892,7 +892,10 @@ def load_json(path: Path, what: str):
 
 def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
     """Union of polygon parts (flat [x0, y0, x1, y1, ...] lists) -> (h, w) bool, pixel for pixel
-    what pycocotools gives (`decode(merge(frPyObjects(parts, h, w)))`, the official masks)."""
+    what pycocotools gives (`decode(merge(frPyObjects(parts, h, w)))`, the official masks).
+
+    Parts of fewer than 3 points are skipped with a warning (detectron2's rule): pycocotools draws
+    nothing for them, or fails when such a part comes first (it reads 4 numbers as a box)."""
     flat = np.zeros(width * height, dtype=bool)  # the mask column by column (column-major)
     for poly in polygons:
         if len(poly) < 6 or len(poly) % 2:  # fewer than 3 points (or a dangling coordinate)
@@ -936,15 +939,19 @@ def _polygon_run_ends(poly: list[float], height: int, width: int) -> np.ndarray:
     length = np.where(major_x, dx, dy)  # fine steps of the edge; it emits length + 1 points
     with np.errstate(divide="ignore", invalid="ignore"):  # a repeated vertex: 0 / 0 = NaN
         slope = np.where(major_x, (ye - ys) / dx, (xe - xs) / dy)  # (k,) float64
-    edge = np.repeat(np.arange(len(xs)), length + 1)  # (m,) edge of each outline point
-    start = np.cumsum(length + 1) - (length + 1)
-    d = np.arange(len(edge)) - start[edge]
-    t = np.where(flip[edge], length[edge] - d, d)  # (m,) steps from the edge's lower end
-    with np.errstate(invalid="ignore"):
-        along = np.trunc(np.where(major_x, ys, xs)[edge] + slope[edge] * t + 0.5)  # (m,)
-    along = np.where(np.isnan(along), _INT_MIN, along).astype(np.int64)
-    u = np.where(major_x[edge], t + xs[edge], along)  # (m,) fine x of each outline point
-    v = np.where(major_x[edge], along, t + ys[edge])  # (m,) fine y
+    # The m outline points, edge after edge: t = fine steps from the edge's lower end, counted
+    # down from `length` on a flipped edge, so the points run from vertex j to vertex j+1.
+    n = length + 1  # points per edge
+    start = np.cumsum(n) - n  # index of each edge's first point
+    t = np.abs(np.repeat(np.where(flip, length, 0) + start, n) - np.arange(n.sum()))  # (m,)
+    # The major coordinate is exact; the minor one is (int)(start + slope * t + .5), as in C.
+    along = np.trunc(np.repeat(np.where(major_x, ys, xs), n) + np.repeat(slope, n) * t + 0.5)
+    if ((dx == 0) & (dy == 0)).any():
+        along[np.isnan(along)] = _INT_MIN
+    along = along.astype(np.int64)  # (m,)
+    exact = t + np.repeat(np.where(major_x, xs, ys), n)  # (m,)
+    on_x = np.repeat(major_x, n)
+    u, v = np.where(on_x, exact, along), np.where(on_x, along, exact)  # (m,) fine x, fine y
     # Steps that change the fine column: boundary at column xd if it is a pixel centre inside
     # the image, at row ceil(yd), yd = the step's upper fine y mapped back to pixels.
     step = np.flatnonzero(u[1:] != u[:-1]) + 1  # index j of the step (j - 1 -> j)
