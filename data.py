@@ -853,6 +853,18 @@ def _check_refs(refs, path: Path, keys: tuple[str, ...] = REF_KEYS) -> list[dict
     return refs
 
 
+# What the unpickler raises on data cut short or garbled (besides UnpicklingError).
+_PICKLE_DAMAGE = (
+    EOFError,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+)
+
+
 def load_refs_pickle(path: str | Path) -> list[dict]:
     """Read a refer-API refs(*).p (Python 2 or 3 pickle) with the restricted unpickler.
 
@@ -871,8 +883,7 @@ def load_refs_pickle(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}: {e}") from None
             looks = " (it looks like JSON)" if head in (b"[", b"{") else ""
             raise ValueError(f"{path}: not a pickle{looks}: {e}; expected {expected}") from None
-        except (EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
-            # what the unpickler raises on data cut short or garbled
+        except _PICKLE_DAMAGE as e:
             raise ValueError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e}); "
                              f"expected {expected}") from None  # fmt: skip
     return _check_refs(_decode_bytes(refs), path, keys=())
