@@ -47,6 +47,7 @@ Run `python data.py export shapes out/` to write the synthetic world in the refe
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import pickle
@@ -853,16 +854,10 @@ def _check_refs(refs, path: Path, keys: tuple[str, ...] = REF_KEYS) -> list[dict
     return refs
 
 
-# What the unpickler raises on data cut short or garbled (besides UnpicklingError).
-_PICKLE_DAMAGE = (
-    EOFError,
-    ValueError,
-    IndexError,
-    KeyError,
-    TypeError,
-    AttributeError,
-    OverflowError,
-)
+# What the unpickler raises on data cut short or garbled (besides UnpicklingError); a garbled
+# length or memo index can ask for gigabytes, hence MemoryError.
+_PICKLE_DAMAGE = (EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+                  OverflowError, MemoryError)  # fmt: skip
 
 
 def load_refs_pickle(path: str | Path) -> list[dict]:
@@ -873,19 +868,20 @@ def load_refs_pickle(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     expected = REFS_FORMAT[".p"]
-    with open(path, "rb") as f:
-        head = f.read(1)
-        f.seek(0)
-        try:
-            refs = RestrictedUnpickler(f, encoding="bytes").load()
-        except pickle.UnpicklingError as e:
-            if str(e).startswith("refusing"):
-                raise ValueError(f"{path}: {e}") from None
-            looks = " (it looks like JSON)" if head in (b"[", b"{") else ""
-            raise ValueError(f"{path}: not a pickle{looks}: {e}; expected {expected}") from None
-        except _PICKLE_DAMAGE as e:
-            raise ValueError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e}); "
-                             f"expected {expected}") from None  # fmt: skip
+    payload = path.read_bytes()  # from memory: a garbled length cannot make it read past the end
+    try:
+        refs = RestrictedUnpickler(io.BytesIO(payload), encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        reason = " ".join(str(e).split())  # one line
+        if reason.startswith("refusing"):
+            raise ValueError(f"{path}: {reason}") from None
+        looks = " (it looks like JSON)" if payload[:1] in (b"[", b"{") else ""
+        raise ValueError(f"{path}: not a pickle{looks}: {reason}; expected {expected}") from None
+    except _PICKLE_DAMAGE as e:
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        raise ValueError(
+            f"{path}: truncated or corrupt pickle ({reason}); expected {expected}"
+        ) from None
     return _check_refs(_decode_bytes(refs), path, keys=())
 
 
@@ -1168,7 +1164,8 @@ class ReferDataset(_RISDataset):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             # PIL.UnidentifiedImageError and "image file is truncated" are OSErrors
             self._bad_images.add(image_id)
-            warnings.warn(f"skipping {path}: cannot decode the image ({e}); its samples are "
+            reason = " ".join(str(e).split())  # one line
+            warnings.warn(f"skipping {path}: cannot decode the image ({reason}); its samples are "
                           "replaced by the next sample whose image decodes",
                           stacklevel=3)  # fmt: skip
             return None
