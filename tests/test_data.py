@@ -393,8 +393,9 @@ def write_refcoco(root, payload: bytes, name="refcoco/refs(unc).p"):
         (pickle.dumps([["ref_id", 1]]), "got a list holding list"),
         (pickle.dumps([{"ref_id": 1, "image_id": 1, "split": "val"}]), "a ref lacks 'ann_id'"),
         (b"\x00\x01\x02 binary junk", "not a pickle"),
+        (b"P1\n.", "persistent id instruction"),  # pickle's own message has two lines
     ],
-    ids=["json", "empty", "dict", "list-of-lists", "missing-key", "junk"],
+    ids=["json", "empty", "dict", "list-of-lists", "missing-key", "junk", "persistent-id"],
 )
 def test_refs_pickle_of_the_wrong_format(refcoco_root, bert_tok, payload, match):
     root, _ = refcoco_root
