@@ -151,6 +151,7 @@ class Config:
     cal_warmup: int = 0  # steps over which lambda_cal ramps from 0 (paper: none)
     # Decoder
     decoder_dim: int = 256  # D: mask-feature width C_L (the release's mask_dim 256)
+    decoder_heads: int = 8  # the one query's cross-attention heads (the release's Mask2Former)
     mask_prior: float = 0.5  # initial foreground probability of the mask head (torch default)
     # Eq. (15) loss weights
     lambda_bce: float = 2.0
@@ -194,141 +195,80 @@ class Config:
             predictor_layers=2,
             predictor_heads=4,
             decoder_dim=32,
+            decoder_heads=4,
             mask_prior=0.03,
             cal_warmup=1000,
         )
 
 
-# The paper's ablations (Table 3, RefCOCO val / RefCOCO+ val oIoU, Swin-B, 224 px, 10 epochs).
-# Every row is LAVT plus one component; LAVT here = this file with MG, CAM and CAL switched off.
+# The paper's ablations (Table 3): every row is LAVT plus one component; LAVT here = this file
+# with MG, CAM and CAL switched off. Numbers: oIoU on RefCOCO val and RefCOCO+ val (Swin-B).
 LAVT = ("no_mg", "no_cam", "no_p2p", "no_p2t")
-_SETTING = "paper: 224x224 input, 10 epochs (§4.4); --set image_size=224 --epochs 10 on RefCOCO"
-_NO_MG = ("no_cam", "no_p2p", "no_p2t")  # LAVT + Mask Grounding
-_LAVT_ROW = {"ablate": LAVT, "paper": {"oIoU": 67.08, "oIoU_refcoco+": 55.98}, "baseline": True,
-             "note": _SETTING}  # fmt: skip
+_MG = ("no_cam", "no_p2p", "no_p2t")  # LAVT + Mask Grounding
+_CAM = ("no_mg", "no_p2p", "no_p2t")  # LAVT + CAM
+_SETTING = "paper: 224x224 input, 10 epochs (§4.4): --set image_size=224 --epochs 10 on RefCOCO"
+
+
+def _row(ablate, refcoco, refcoco_plus, note="", **spec) -> dict:
+    """One Table 3 row: its ablations, Config overrides and the paper's RefCOCO val / RefCOCO+ val
+    oIoU, with the paper's ablation setting as a note."""
+    paper = {"oIoU": refcoco, "oIoU_refcoco+": refcoco_plus}  # RefCOCO val, RefCOCO+ val
+    return {"ablate": ablate, **spec, "paper": paper, "note": note + _SETTING}
+
+
+def _skip(reason, refcoco, refcoco_plus) -> dict:
+    return {"skip": reason, "paper": {"oIoU": refcoco, "oIoU_refcoco+": refcoco_plus}}
+
+
+_FULL = "every row keeps CAM's full-resolution branch; "
 TABLES = {
     "Table 3a": {  # Mask Grounding vs masked (vision-)language modelling
-        "Baseline LAVT": _LAVT_ROW,
-        "+MLM LAVT + masked language modelling": {
-            "ablate": _NO_MG + ("mlm_only",),
-            "paper": {"oIoU": 67.31, "oIoU_refcoco+": 55.69},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
-        "+MaskedVLM LAVT + masked prediction from language and image, no mask signal": {
-            "ablate": _NO_MG,
-            "set": {"mask_input": "none"},
-            "paper": {"oIoU": 67.33, "oIoU_refcoco+": 56.13},  # RefCOCO val / RefCOCO+ val
-            "note": "MaskedVLM [37] also reconstructs masked image patches: not built. " + _SETTING,
-        },
-        "+MG LAVT + Mask Grounding": {
-            "ablate": _NO_MG,
-            "paper": {"oIoU": 68.52, "oIoU_refcoco+": 57.26},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
+        "Baseline LAVT": _row(LAVT, 67.08, 55.98, baseline=True),
+        "+MLM masked language modelling": _row(_MG + ("mlm_only",), 67.31, 55.69),
+        "+MaskedVLM words from language + image, no mask signal": _row(
+            _MG,
+            67.33,
+            56.13,
+            "masked-image reconstruction of [37] not built; ",
+            set={"mask_input": "none"},
+        ),
+        "+MG Mask Grounding": _row(_MG, 68.52, 57.26),
     },
     "Table 3b": {  # mask encoder input
-        "None LAVT": _LAVT_ROW,
-        "Average mask-averaged image features": {
-            "ablate": _NO_MG,
-            "set": {"mask_input": "average"},
-            "paper": {"oIoU": 68.19, "oIoU_refcoco+": 56.98},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
-        "Center mask centre coordinates": {
-            "ablate": _NO_MG,
-            "paper": {"oIoU": 68.52, "oIoU_refcoco+": 57.26},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
+        "None LAVT": _row(LAVT, 67.08, 55.98, baseline=True),
+        "Average image features averaged in the mask": _row(
+            _MG, 68.19, 56.98, set={"mask_input": "average"}
+        ),
+        "Center mask centre coordinates": _row(_MG, 68.52, 57.26),
     },
     "Table 3c": {  # depth of the masked token predictor
-        "None LAVT": _LAVT_ROW,
-        "4 predictor layers": {
-            "ablate": _NO_MG,
-            "set": {"predictor_layers": 4},
-            "paper": {"oIoU": 67.14, "oIoU_refcoco+": 57.19},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
-        "8 predictor layers": {
-            "ablate": _NO_MG,
-            "set": {"predictor_layers": 8},
-            "paper": {"oIoU": 68.52, "oIoU_refcoco+": 57.26},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
-        "12 predictor layers": {
-            "ablate": _NO_MG,
-            "set": {"predictor_layers": 12},
-            "paper": {"oIoU": 66.92, "oIoU_refcoco+": 55.95},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
+        "None LAVT": _row(LAVT, 67.08, 55.98, baseline=True),
+        "4 predictor layers": _row(_MG, 67.14, 57.19, set={"predictor_layers": 4}),
+        "8 predictor layers": _row(_MG, 68.52, 57.26, set={"predictor_layers": 8}),
+        "12 predictor layers": _row(_MG, 66.92, 55.95, set={"predictor_layers": 12}),
     },
     "Table 3d": {  # Mask Grounding on other RIS methods
-        "LAVT": _LAVT_ROW,
-        "LAVT+MG": {
-            "ablate": _NO_MG,
-            "paper": {"oIoU": 68.52, "oIoU_refcoco+": 57.26},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
-        "ReLA": {
-            "skip": "ReLA is rela.py (train.py --method rela)",
-            "paper": {"oIoU": 66.23, "oIoU_refcoco+": 53.69},  # RefCOCO val / RefCOCO+ val
-        },
-        "ReLA+MG": {
-            "skip": "Mask Grounding is not built into rela.py",
-            "paper": {"oIoU": 67.33, "oIoU_refcoco+": 55.21},  # RefCOCO val / RefCOCO+ val
-        },
-        "CRIS": {
-            "skip": "CRIS is the main branch of cm_masksd.py, without Mask Grounding",
-            "paper": {"oIoU": 64.67, "oIoU_refcoco+": 54.84},  # RefCOCO val / RefCOCO+ val
-        },
-        "CRIS+MG": {
-            "skip": "Mask Grounding is not built into cm_masksd.py",
-            "paper": {"oIoU": 65.50, "oIoU_refcoco+": 56.23},  # RefCOCO val / RefCOCO+ val
-        },
+        "LAVT": _row(LAVT, 67.08, 55.98, baseline=True),
+        "LAVT+MG": _row(_MG, 68.52, 57.26),
+        "ReLA": _skip("ReLA is rela.py (train.py --method rela)", 66.23, 53.69),
+        "ReLA+MG": _skip("Mask Grounding is not built into rela.py", 67.33, 55.21),
+        "CRIS": _skip("CRIS is cm_masksd.py's main branch (no MG there)", 64.67, 54.84),
+        "CRIS+MG": _skip("Mask Grounding is not built into cm_masksd.py", 65.50, 56.23),
     },
-    "Table 3e": {  # CAM pyramid scales; every row keeps CAM's full-resolution branch
-        "None LAVT (one-way pixel-word attention)": _LAVT_ROW,
-        "{1} CAM, pyramid scale 1": {
-            "ablate": ("no_mg", "no_p2p", "no_p2t"),
-            "set": {"cam_scales": (1,)},
-            "paper": {"oIoU": 67.18, "oIoU_refcoco+": 56.20},  # RefCOCO val / RefCOCO+ val
-            "note": "plus the full-resolution branch. " + _SETTING,
-        },
-        "{1,2} CAM, pyramid scales 1, 2": {
-            "ablate": ("no_mg", "no_p2p", "no_p2t"),
-            "set": {"cam_scales": (1, 2)},
-            "paper": {"oIoU": 67.44, "oIoU_refcoco+": 56.46},  # RefCOCO val / RefCOCO+ val
-            "note": "plus the full-resolution branch. " + _SETTING,
-        },
-        "{1,2,3} CAM, pyramid scales 1, 2, 3": {
-            "ablate": ("no_mg", "no_p2p", "no_p2t"),
-            "set": {"cam_scales": (1, 2, 3)},
-            "paper": {"oIoU": 67.79, "oIoU_refcoco+": 56.74},  # RefCOCO val / RefCOCO+ val
-            "note": "plus the full-resolution branch. " + _SETTING,
-        },
-        "{1,2,3,6} CAM, pyramid scales 1, 2, 3, 6": {
-            "ablate": ("no_mg", "no_p2p", "no_p2t"),
-            "set": {"cam_scales": (1, 2, 3, 6)},
-            "paper": {"oIoU": 68.06, "oIoU_refcoco+": 57.04},  # RefCOCO val / RefCOCO+ val
-            "note": "plus the full-resolution branch. " + _SETTING,
-        },
+    "Table 3e": {  # CAM pyramid scales
+        "None LAVT (one-way pixel-word attention)": _row(LAVT, 67.08, 55.98, baseline=True),
+        "{1} CAM, scale 1": _row(_CAM, 67.18, 56.20, _FULL, set={"cam_scales": (1,)}),
+        "{1,2} CAM, scales 1, 2": _row(_CAM, 67.44, 56.46, _FULL, set={"cam_scales": (1, 2)}),
+        "{1,2,3} CAM, scales 1-3": _row(_CAM, 67.79, 56.74, _FULL, set={"cam_scales": (1, 2, 3)}),
+        "{1,2,3,6} CAM, scales 1, 2, 3, 6": _row(
+            _CAM, 68.06, 57.04, _FULL, set={"cam_scales": (1, 2, 3, 6)}
+        ),
     },
     "Table 3f": {  # Cross-modal Alignment Loss terms
-        "None LAVT (no CAL)": _LAVT_ROW,
-        "P2P LAVT + L_P2P": {
-            "ablate": ("no_mg", "no_cam", "no_p2t"),
-            "paper": {"oIoU": 67.63, "oIoU_refcoco+": 56.87},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
-        "P2T LAVT + L_P2T": {
-            "ablate": ("no_mg", "no_cam", "no_p2p"),
-            "paper": {"oIoU": 68.27, "oIoU_refcoco+": 57.22},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
-        "P2P+P2T LAVT + L_CAL": {
-            "ablate": ("no_mg", "no_cam"),
-            "paper": {"oIoU": 68.44, "oIoU_refcoco+": 57.61},  # RefCOCO val / RefCOCO+ val
-            "note": _SETTING,
-        },
+        "None LAVT (no CAL)": _row(LAVT, 67.08, 55.98, baseline=True),
+        "P2P LAVT + L_P2P": _row(("no_mg", "no_cam", "no_p2t"), 67.63, 56.87),
+        "P2T LAVT + L_P2T": _row(("no_mg", "no_cam", "no_p2p"), 68.27, 57.22),
+        "P2P+P2T LAVT + L_CAL": _row(("no_mg", "no_cam"), 68.44, 57.61),
     },
 }
 
@@ -346,7 +286,7 @@ RECIPE = {
     "batch_size": 32,  # LAVT: 8 per GPU x 4 GPUs
     "grad_clip": 0.0,  # LAVT: none
     # LAVT's optimizer leaves out BERT's embeddings and its last two layers (used, never updated).
-    "frozen": ("bert.embeddings.", "bert.encoder.layer.10.", "bert.encoder.layer.11."),
+    "frozen": ("bert.embeddings", "bert.encoder.layer.10", "bert.encoder.layer.11"),
 }
 
 
@@ -702,22 +642,37 @@ def conv_gn_relu(c_in: int, c_out: int, k: int = 3) -> list[nn.Module]:
 
 
 class Decoder(nn.Module):
-    """Top-down: project stage 4 to D, then [upsample, concat stage i, 2 x conv3x3] for i = 3, 2, 1,
-    then the release's signed 1x1 "mask features" conv and a 1x1 mask head on them.
+    """Top-down: project stage 4 to D, then [upsample, concat stage i, 2 x conv3x3] for i = 3, 2, 1;
+    the release's signed 1x1 "mask features" conv; a one-query mask head on them (the release's
+    one-query Mask2Former, one layer): the query reads the mask features by cross-attention, and
+    the mask is its embedding dotted with every pixel's feature.
 
     Returns the mask features I (B, D, H/4, W/4) and the mask logits (B, 1, H/4, W/4). CAL reads
-    the signed I: on ReLU outputs every cosine is >= 0 and foreground/background cannot point apart.
+    I. Two things make CAL and the mask agree: I is signed (on ReLU outputs every cosine is >= 0,
+    foreground and background cannot point apart), and the mask is a per-sample direction in I
+    (CAL clusters each sample's target around its own mean, a direction that a fixed 1x1 mask head
+    could not follow).
     """
 
-    def __init__(self, dims: list[int], D: int, mask_prior: float):
+    def __init__(self, dims: list[int], D: int, heads: int, mask_prior: float):
         super().__init__()
         self.proj = nn.Sequential(*conv_gn_relu(dims[-1], D, k=1))
         self.fuse = nn.ModuleList(
             nn.Sequential(*conv_gn_relu(D + c, D), *conv_gn_relu(D, D)) for c in dims[-2::-1]
         )
         self.mask_features = nn.Conv2d(D, D, 1)
-        self.mask_head = nn.Conv2d(D, 1, 1)
-        nn.init.constant_(self.mask_head.bias, math.log(mask_prior / (1 - mask_prior)))
+        # Mask2Former's query layer (cross-attention, FFN, post-norms) and 3-layer mask MLP.
+        self.query = nn.Parameter(torch.randn(1, 1, D))
+        self.cross_attn = nn.MultiheadAttention(D, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(D, 4 * D), nn.ReLU(), nn.Linear(4 * D, D))
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.mask_embed = nn.Sequential(
+            nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D)
+        )
+        # Start near "p = mask_prior everywhere": a small last layer, the prior in the bias.
+        nn.init.normal_(self.mask_embed[-1].weight, std=0.01)
+        nn.init.zeros_(self.mask_embed[-1].bias)
+        self.mask_bias = nn.Parameter(torch.tensor(math.log(mask_prior / (1 - mask_prior))))
 
     def forward(self, feats: list[torch.Tensor]):
         y = self.proj(feats[-1])  # (B, D, H/32, W/32)
@@ -725,7 +680,13 @@ class Decoder(nn.Module):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = fuse(torch.cat([y, skip], 1))  # (B, D, H_i, W_i)
         I = self.mask_features(y)  # (B, D, H/4, W/4), signed
-        return I, self.mask_head(I)
+        pixels = I.flatten(2).transpose(1, 2)  # (B, H/4 * W/4, D)
+        q = self.query.expand(len(I), -1, -1)  # (B, 1, D)
+        q = self.norm1(q + self.cross_attn(q, pixels, pixels, need_weights=False)[0])
+        q = self.norm2(q + self.ffn(q))  # (B, 1, D)
+        e = self.mask_embed(q)  # (B, 1, D)
+        logits = torch.einsum("bqd,bdhw->bqhw", e, I) + self.mask_bias  # (B, 1, H/4, W/4)
+        return I, logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,7 +717,7 @@ class MagNet(nn.Module):
             for i, d in enumerate(dims)
         )  # fmt: skip
         self.stage_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)  # LAVT's norm{i}
-        self.decoder = Decoder(dims, D, cfg.mask_prior)
+        self.decoder = Decoder(dims, D, cfg.decoder_heads, cfg.mask_prior)
         self.text_proj = nn.Linear(d_t, D) if self.use_p2t else None  # proj() of T_avg
         self.grounding = None
         if "no_mg" not in ablate:
@@ -849,11 +810,14 @@ class MagNet(nn.Module):
         """Mask Grounding (Eq. 1-4): cross-entropy of the hidden words, predicted from the masked
         text, the text-free image embedding P and the GT mask.
 
-        In eval mode the words are masked the same way every time (a fixed generator), and the
+        In eval mode the words are masked the same way every time (a generator seeded with the
+        batch's token count, which varies from batch to batch but not with the words), and the
         predictor also runs with another sample's image and mask (the batch rolled by one): the
         accuracy gap between the two ("mg_correct" vs "mg_correct_other") is the grounding."""
         cfg = self.cfg
-        gen = None if self.training else torch.Generator().manual_seed(0)
+        gen = None
+        if not self.training:
+            gen = torch.Generator().manual_seed(int(attention_mask.sum()))
         masked_ids, selected = mask_words(
             input_ids, attention_mask, cfg.mask_ratio, cfg.mask_token_id, gen
         )
