@@ -202,7 +202,10 @@ def test_forward_backward_tiny_shapes():
     with torch.no_grad():
         out = model(*make_batch(cfg, B=2)[:3])
     assert "loss" not in out and out["mask_logits"].shape == (2, 1, side, side)
-    assert asda.sample_extra(out, 1, None)[1].startswith("AFS: F_L = layer ")
+    panel, caption, scale = asda.sample_extra(out, 1, None)
+    assert caption.startswith("AFS: F_L = layer ") and scale == (0.0, 1.0)
+    k = int(out["f_coef"][1].argmax())  # the response mask with the largest coefficient
+    assert panel.shape == (side, side) and (panel == out["M_prime"][1, k].numpy()).all()
 
 
 @pytest.mark.parametrize("table,key", table_rows())
