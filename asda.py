@@ -727,6 +727,10 @@ class ASDA(nn.Module):
             (F_L, F_M), layers, probs = self.afs(patches, f_C, f_E)
             out["selection_probs"] = probs  # (B, 2, 3): score_L and score_M
             candidates = (cfg.low_layers, cfg.mid_layers)
+            if not self.training and targets is not None:
+                # Diagnostics only: the layers the same image gets with the next sample's
+                # sentence. If they never change, the selection ignores the text.
+                out["selected_layers_text_swap"] = self.afs(patches, f_C, f_E.roll(1, 0))[1]
         elif self.intermediate:  # Table 2 row (b): CRIS's fixed layers
             F_L, F_M = patches[cfg.manual_layers[0]], patches[cfg.manual_layers[1]]
             layers = torch.tensor(cfg.manual_layers, device=images.device).expand(B, 2)
@@ -815,6 +819,8 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
                                candidate l (the two groups have distinct layers)
     layer{l}/{kind}            the same among the samples of one expression kind (NaN when the
                                batch has none of that kind): does the selection follow the text?
+    text_swap_F_L, _F_M        share of the samples whose selected layer changes when their
+                               sentence is replaced by the next sample's (same image)
     Empty for Table 2 row (a), which has no F_L, F_M."""
     if "selected_layers" not in outputs:
         return {}
@@ -823,12 +829,16 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
     kinds = np.array([expression_kind(s) for s in batch["sentence"]])
     result = {}
     probs = outputs.get("selection_probs")  # (B, 2, k) or None
+    swapped = outputs.get("selected_layers_text_swap")  # (B, 2) or None
     for g, name in enumerate(("F_L", "F_M")):
         if probs is None:
             result[f"entropy_{name}"] = math.nan
         else:
             p = probs[:, g].float()
             result[f"entropy_{name}"] = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+        if swapped is not None:
+            changed = swapped[:, g].cpu() != selected[:, g]
+            result[f"text_swap_{name}"] = float(changed.float().mean())
         for layer in candidates[g].tolist():
             chosen = (selected[:, g] == layer).numpy()  # (B,) bool
             result[f"layer{layer}"] = float(chosen.mean())

@@ -376,6 +376,10 @@ def test_diagnostics_on_a_hand_made_batch():
         "selection_probs": torch.stack([torch.stack([p, one])] * 4),
     }
     d = asda.diagnostics(outputs, {"sentence": sentences})
+    assert "text_swap_F_L" not in d  # measured only when the forward ran the swapped selection
+    outputs["selected_layers_text_swap"] = torch.tensor([[4, 7], [5, 8], [5, 8], [6, 9]])
+    d = asda.diagnostics(outputs, {"sentence": sentences})
+    assert (d["text_swap_F_L"], d["text_swap_F_M"]) == (0.25, 0.25)
     assert d["entropy_F_L"] == pytest.approx(math.log(3), abs=1e-5)
     assert d["entropy_F_M"] == pytest.approx(0.0, abs=1e-5)
     assert (d["layer4"], d["layer5"], d["layer6"]) == (0.5, 0.25, 0.25)
@@ -398,6 +402,15 @@ def test_diagnostics_from_a_model_forward():
         out = model(images, ids, am, targets=targets)
     sentences = ["the red circle", "the big star above the square", "the third star from the left"]
     d = asda.diagnostics(out, {"sentence": sentences})
+    # The selection with the next sample's sentence, on the same images (eval with targets).
+    torch.manual_seed(0)
+    afs = model.afs
+    patches, f_C, _, f_E = model.features(images, ids, am)
+    swapped = afs(patches, f_C, f_E.roll(1, 0))[1]
+    assert torch.equal(out["selected_layers_text_swap"], swapped)
+    changed = (swapped != out["selected_layers"]).float().mean(0)
+    assert (d["text_swap_F_L"], d["text_swap_F_M"]) == pytest.approx(changed.tolist())
+    assert "selected_layers_text_swap" not in model(images, ids, am)  # only when measuring
     assert sum(d[f"layer{l}"] for l in cfg.low_layers) == pytest.approx(1.0)
     assert sum(d[f"layer{l}"] for l in cfg.mid_layers) == pytest.approx(1.0)
     assert 0 <= d["entropy_F_L"] <= math.log(3) + 1e-6
