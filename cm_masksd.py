@@ -84,6 +84,9 @@ We deviate on purpose:
   the encoder learning rate (as CRIS trains CLIP's projections with the backbone).
 - Decoder words are W_local (CLIP's final LN, no projection, as CRIS); a Linear maps them to d
   only when C_t differs from d (identity for ViT-B/16, whose text width is 512).
+- Calibrated start (tiny: mask_prior 0.03, the shapes' foreground share): the projector's
+  generated bias starts at log(p / (1 - p)) and its kernels at 0.1x, so the first BCE is the
+  prior's entropy (0.14) instead of 1-2 nats; the paper preset keeps CRIS's init (None).
 - BatchNorm running statistics of a shared neck/projector are updated by all three branches;
   as in CRIS, the neck's BatchNorm1d on the sentence needs training batches of two or more.
 - In eval mode the loss is the main BCE only; with targets the masked choices are still made
@@ -193,6 +196,8 @@ class Config:
     decoder_heads: int = 8
     decoder_ffn: int = 2048
     dropout: float = 0.1
+    # None = CRIS's (PyTorch's default) projector init; p = a calibrated start at foreground p
+    mask_prior: float | None = None
     # --- LMVSD (§3.2, Eq. 3-5, Table 3) ---
     lmvsd_alpha: float = 0.25  # masking ratio α
     lmvsd_topk: float = 0.5  # TopK: share of the patches kept by correlation filtering
@@ -246,6 +251,7 @@ class Config:
             decoder_heads=2,
             decoder_ffn=64,
             dropout=0.0,
+            mask_prior=0.03,  # the shapes' foreground share: first BCE 0.14, not 1-2
         )
 
 
@@ -557,7 +563,7 @@ class Projector(nn.Module):
     """CRIS projector: up-sample the decoder map 4x, then a per-sample 3x3 kernel (and bias)
     generated from the sentence feature turns it into mask logits (a dynamic convolution)."""
 
-    def __init__(self, P: int, d: int, kernel_size: int = 3):
+    def __init__(self, P: int, d: int, prior: float | None, kernel_size: int = 3):
         super().__init__()
         c = d // 2
         self.kernel_size = kernel_size
@@ -569,6 +575,11 @@ class Projector(nn.Module):
             nn.Conv2d(c, c, 1),
         )
         self.txt = nn.Linear(P, c * kernel_size * kernel_size + 1)  # kernel weights + bias
+        if prior is not None:  # calibrated start: every logit begins near log(p / (1 - p))
+            with torch.no_grad():
+                self.txt.weight[:-1] *= 0.1  # small kernels: the logits' spread starts small
+                self.txt.weight[-1].zero_()
+                self.txt.bias[-1] = float(np.log(prior / (1 - prior)))
 
     def forward(self, x: torch.Tensor, w_global: torch.Tensor) -> torch.Tensor:
         x = self.vis(x)  # (B, c, 4h, 4w)
@@ -599,7 +610,7 @@ class Segmenter(nn.Module):
         self.decoder = VisionLanguageDecoder(
             d, cfg.decoder_layers, cfg.decoder_heads, cfg.decoder_ffn, cfg.dropout
         )
-        self.projector = Projector(P, d)
+        self.projector = Projector(P, d, cfg.mask_prior)
 
     def forward(self, vis: VisualFeatures, txt: TextFeatures, pad_mask) -> torch.Tensor:
         h, w = vis.grid
@@ -849,6 +860,8 @@ def build_model(cfg: Config) -> nn.Module:
     for name in ("lmvsd_alpha", "lmvsd_topk", "vmlsd_alpha", "vmlsd_topk"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"cm_masksd: {name} must lie in [0, 1], got {getattr(cfg, name)}")
+    if cfg.mask_prior is not None and not 0 < cfg.mask_prior < 1:
+        raise ValueError(f"cm_masksd: mask_prior must lie in (0, 1), got {cfg.mask_prior}")
     return CMMaskSD(cfg)
 
 

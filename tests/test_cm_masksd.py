@@ -230,6 +230,22 @@ def test_forward_backward_tiny_shapes_and_every_parameter_gets_a_gradient():
     assert not model.clip.logit_scale.requires_grad  # CLIP's temperature: unused, frozen
 
 
+def test_calibrated_start():
+    """The tiny preset's first prediction is the foreground prior, so the first BCE is close to
+    the prior's entropy; the paper preset keeps CRIS's initialisation."""
+    cfg = small_cfg()
+    assert cfg.mask_prior == 0.03 and M.Config.paper().mask_prior is None
+    model = build(cfg).train()
+    images, ids, am, targets = make_batch(cfg, [2, 3, 4, 5])
+    logits = model(images, ids, am)["mask_logits"]
+    assert abs(logits.mean().item() - math.log(0.03 / 0.97)) < 1.0 and logits.std() < 1.0
+    prior = torch.full_like(logits, 0.03)  # the BCE of the prior against itself = its entropy
+    entropy = F.binary_cross_entropy(prior, prior).item()
+    assert F.binary_cross_entropy_with_logits(logits, prior).item() < 1.5 * entropy
+    with pytest.raises(ValueError, match="mask_prior"):
+        M.build_model(small_cfg(mask_prior=1.0))
+
+
 def test_clip_projections_train_with_the_encoders():
     """train.py puts every parameter of a transformers PreTrainedModel in the encoder lr group:
     CLIP's visual/text projections must be inside it (as CRIS trains them with the backbone)."""
