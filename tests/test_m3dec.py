@@ -184,7 +184,7 @@ def test_lfr_matches_eq_4_and_stop_gradient(stop_grad):
         rec = F_dec[b : b + 1, :n]
         for layer in lfr.reconstruct:  # eval mode: BN with running statistics
             rec = torch.relu(_bn_eval(layer.bn, layer.linear(rec)))
-        torch.testing.assert_close(F_rec[b], rec.mean(1)[0])
+        torch.testing.assert_close(F_rec[b], lfr.reconstruct_out(rec).mean(1)[0])
     # the stop-gradient: no gradient into F_t (nor W_proj, frozen) through the target
     assert F_proj.requires_grad is not stop_grad
     assert lfr.W_proj.weight.requires_grad is not stop_grad
@@ -255,7 +255,10 @@ def test_forward_backward_shapes_and_every_parameter_gets_a_gradient():
     swin = "visual_encoder.backbone.swin."
     allowed = ("lfr.W_proj.", swin + "layernorm.", swin + "encoder.layers.2.downsample.",
                swin + "encoder.layers.3.")  # fmt: skip
-    assert {"lfr.W_proj.weight", swin + "encoder.layers.3.blocks.0.attention.q_proj.weight"} <= frozen
+    assert {
+        "lfr.W_proj.weight",
+        swin + "encoder.layers.3.blocks.0.attention.q_proj.weight",
+    } <= frozen
     assert all(n.startswith(allowed) for n in frozen), frozen
     assert len(model.imi) == cfg.num_dec_layers - 1  # IMI only between successive layers
 
@@ -297,19 +300,22 @@ def test_lfr_loss_only_in_training_but_measured_in_eval():
 
 
 def test_overfits_one_batch():
+    """From the calibrated start (prior = the batch's foreground share, 1/4), so that the loss
+    has to fall below the prior's entropy, not just find the right bias."""
     torch.manual_seed(0)
-    cfg = tiny()
+    cfg = tiny(mask_prior=0.25)
     model = build_model(cfg).train()
-    images, ids, am, targets = make_batch(cfg, B=4)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    images, ids, am, targets = make_batch(cfg, B=2)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(15):
         out = model(images, ids, am, targets)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         losses.append(out["losses"]["mask"].item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[0] < 0.65  # near H(1/4) = 0.562 nats, the calibrated start
+    assert losses[-1] < 0.3 * losses[0], losses
 
 
 def _eval_outputs(model, batch):
