@@ -38,14 +38,13 @@ Training recipe (§IV-A; `RECIPE`, used by `train.py --recipe paper`): Adam, lr 
 decay, 50 epochs, batch 48 on 4 V100; loss w_mask BCE + w_rec LFR = 1 x BCE + 0.1 x MSE (Eq. 5).
 The paper gives one recipe for its CNN and Swin rows. The built-in demo does not use it: train.py's
 DEMO_RECIPE (AdamW 1e-3, pretrained encoders x0.1, poly decay, 100 warm-up steps, 3000 steps of
-batch 16, clip 1) fits a CPU budget; lr 0.005 is far above what fine-tuning a pretrained Swin/BERT
-with Adam tolerates at this scale.
+batch 16, clip 1) fits a CPU budget, which 50 epochs of batch 48 do not.
 
 Calibrated start. The last mask convolution starts with bias log(p / (1 - p)), p = Config.mask_prior
 (the training masks' foreground share, 3.2% on the synthetic shapes), so the first prediction is the
-prior, not p = 0.5 everywhere: at 0.5 the BCE's gradient mostly says "less foreground" and, measured
-on the demo, no pixel crossed 0.5 after 500 steps (mIoU 0.0; 20.4 with the calibrated bias). The
-first loss is then close to the prior's entropy, H(p) = 0.14 nats for p = 0.032.
+prior, not p = 0.5 everywhere: at 0.5 the BCE's gradient mostly says "less foreground" and, on the
+earlier demo preset, no pixel crossed 0.5 after 500 steps (mIoU 0.0; 20.4 with the calibrated bias).
+The first loss is the prior's entropy: 0.148 on a batch of shapes whose H(p) is 0.146 nats.
 
 Ablations (ABLATIONS names components; TABLES spells out every paper row as flags + --set):
     TABLE I:   num_dec_layers 1-4 x {shared (default), independent_matrices, generic_attention}
@@ -99,8 +98,8 @@ The paper is silent:
   output"): F_dec summed over the real words, tiled over the pixels and concatenated with F_enc
   (2C channels) replaces the N_t kernel maps; same convs.
 - Loss: BCE at the logits' resolution with the GT resized nearest (common.bce_loss); threshold 0.5
-  (the BERT-family convention here; VLT used 0.35). The paper's "IoU" is VLT's evaluation, the mean
-  of the per-sample IoUs (mIoU here).
+  (the BERT-family convention here; VLT used 0.35). The paper's "IoU" is read as VLT's evaluation,
+  the mean of the per-sample IoUs (mIoU here); its ablations use the CNN row (Darknet-53 + GRU).
 - Visualisation (sample_extra): the last layer's LAV map softmax(A_mut) (Eq. 2a) of the word that
   receives the most VAL attention (sum over pixels of softmax(A_mut^T)) and that word's VAL map
   (Eq. 2b); with generic attention, the head-averaged map of the word with the highest peak.
@@ -159,8 +158,10 @@ ABLATIONS: dict[str, str] = {
     "tiled over the pixels, instead of F_dec as 1x1 kernels",
 }
 
-# The paper's ablation tables, all on RefCOCO val. "IoU" is VLT's evaluation metric, the mean of
-# the per-sample IoUs (mIoU here); Pr@0.5 / Pr@0.9 are Prec@0.5 / Prec@0.9.
+# The paper's ablation tables, all on RefCOCO val with the CNN row of Table IV (Darknet-53 + GRU:
+# its RefCOCO val IoU 67.88 is the tables' full model), not the Swin-B + BERT row of paper().
+# "IoU": read as VLT's released evaluation (callbacks/eval.py averages the per-sample IoUs), i.e.
+# mIoU here; Pr@0.5 / Pr@0.9 are Prec@0.5 / Prec@0.9.
 # TABLE I as printed: M3Dec layers -> (IoU, Pr@0.5) for shared / independent / generic (LAV only).
 _TABLE_I = {
     1: ((60.57, 72.47), (62.36, 74.00), (55.42, 70.02)),
@@ -204,7 +205,7 @@ TABLES: dict[str, dict[str, dict]] = {
             "ablate": (), "paper": {"mIoU": 67.88, "Prec@0.5": 79.01, "Prec@0.9": 17.70},
             "baseline": True},
     },
-    "§IV-B": {  # the text's VAL-only experiment, no table and no number
+    "Sec. IV-B": {  # the text's VAL-only experiment (§IV-B), no table and no number
         "VAL-only vision as query, language as key/value": {
             "skip": "the decoder's query stream would be the HW pixels instead of the N_t words, "
             "so F_dec (the mask decoder's kernels, Fig. 6) and IMI/LFR's word rows do not exist; "
