@@ -40,11 +40,14 @@ and layers 10-11 frozen). The CPU demo uses train.py's shared demo recipe instea
 
 Differences from the paper and the released code (github.com/henghuiding/ReLA), one per line.
 The paper is silent (we take the release's choice unless stated):
-- Attention: 8 heads, 1/sqrt(d) scale, sine keys, learnable query positions (Eq. 2-3 show none).
+- Attention: 8 heads, 1/sqrt(d) scale, learnable region positions (Eq. 2-3 show none).
 - Residual + post-LayerNorm around RIA and RLA: F_r = LN(S + MLP(S)), S = F'_r + F_r1 + F_r2.
 - 9 decoder layers (released DEC_LAYERS 10 - 1) reading strides 32, 16, 8 in turn (Mask2Former).
 - Pixel decoder: transformer encoder on the stride-32 map + FPN (released: MSDeformAttn, 6 layers).
-- Minimap target: GT bilinearly resized to P×P then .long() (truncation): a cell centre sample.
+- Minimap target: the paper says x_r^n is the probability that region n contains targets; we
+  mark the cells holding any target pixel. The release resizes bilinearly then truncates (a
+  cell-centre sample; minimap_rule="release"): at 64 px it marks a third of those cells, and even
+  a perfect x_r then ranks target cells above the others with AUC 0.65.
 - Loss: 5 * (CE_mask + 0.1 CE_minimap + 0.1 CE_nt), class weights [0.9, 1.1] (released criterion).
 - Filters from the last F'_r, x_r and E from F_r (§4.2 "F_f ... based on F'_r").
 The release differs:
@@ -61,11 +64,13 @@ The release differs:
 - Eq. (1): released weights by raw minimap logits fg - bg (fusion_weight="logit"); ours x_r.
 - No-target: released averages per-region MLP outputs; ours an MLP of the mean F_r (paper).
 - mask_logits is one map M; the 2-class CE sees logits (0, M), released sees (bg, fg) = same loss.
-- Release queries and positions are nn.Embedding (N(0,1)) and the heads read LN(F_r): as here.
 We deviate on purpose:
 - Eq. (1) + a learnable prior bias b (init logit of 4%, the demo's foreground share) and a small
   last filter layer: M starts calibrated (mask CE ~0.2; without: |M| ~ 20-40, CE 19-95).
 - The minimap head starts at the same prior (x_r ~ 0.04), as detectors' focal-loss prior init.
+- RIA's positions: a separate term pos_scale · q_pos·pos / sqrt(C) on the scores, q_pos starting
+  at cell n's sine position (region n starts at cell n); released: sine keys and N(0, 1) query
+  positions inside Mask2Former's projections, which start every region looking everywhere.
 - gate_init="learnable" by default: the release's closed gates make the encoder fusion a no-op.
 - All BERT layers train in the demo (RECIPE["frozen"] has the release's frozen ones).
 - Inference: mask_logits = -1e4 where E > 0 (mask_logits_raw keeps M for the official FP union).
@@ -159,9 +164,8 @@ class Config:
     dec_layers: int = 9  # released DEC_LAYERS 10 - 1
     num_heads: int = 8  # released NHEADS
     dec_ffn: int = 2048  # released DIM_FEEDFORWARD (the MLP of F_r = MLP(...))
+    pos_scale: float = 8.0  # sharpness of RIA's positional term (ours, see RIA)
     # Eq. (1) weights: "prob" = x_r (paper); "logit" = fg - bg minimap logits (released main).
-    # "logit" trains here too (see test_logit_fusion_trains); it starts from weights of about
-    # logit(prior) = -3 on every region, so M is first a negative sum of all region masks.
     fusion_weight: str = "prob"
     prior: float = 0.04  # init only: the mask bias and x_r start at this foreground share
     # --- no-target decision ---
@@ -173,6 +177,9 @@ class Config:
     class_weight: tuple[float, float] = (0.9, 1.1)  # [bg, fg] in all three CE terms
     loss_scale: float = 5.0  # released MASK_WEIGHT, multiplies the whole loss_mask
     minimap_weight: float = 0.1
+    # "any": a cell is a target cell when it holds any target pixel (the paper's "containing
+    # targets"); "release": bilinear + truncation, a cell-centre sample (see minimap_target).
+    minimap_rule: str = "any"
     no_target_weight: float = 0.1
 
     @classmethod
@@ -220,110 +227,54 @@ class Config:
 
 # The paper's ablation tables (gRefCOCO val, Swin-B, numbers in %). Table 2 #4, Table 3 #4 and
 # Table 4 "10×10" are the same model, the full ReLA. train.py --row "Table 2 #3" applies a row.
-_FULL = {"Prec@0.7": 74.20, "Prec@0.8": 68.33, "Prec@0.9": 24.68, "cIoU": 62.42, "gIoU": 63.60}
+
+
+def _pr(p7: float, p8: float, p9: float, cIoU: float, gIoU: float) -> dict[str, float]:
+    """The columns of Tables 2-4: Pr@0.7, Pr@0.8, Pr@0.9, cIoU, gIoU (gRefCOCO val)."""
+    return {"Prec@0.7": p7, "Prec@0.8": p8, "Prec@0.9": p9, "cIoU": cIoU, "gIoU": gIoU}
+
+
+_FULL = _pr(74.20, 68.33, 24.68, 62.42, 63.60)  # "ReLA (ours)"
 TABLES: dict[str, dict[str, dict]] = {
     "Table 2": {  # Ablation study of RIA design options (gRefCOCO val)
         "#1 hard split, input": {
             "skip": "splits the input image into P×P patches before the encoder (one encoder "
             "pass per patch); this file only pools decoder features (#2)",
-            "paper": {
-                "Prec@0.7": 63.02,
-                "Prec@0.8": 59.81,
-                "Prec@0.9": 19.26,
-                "cIoU": 54.43,
-                "gIoU": 55.34,
-            },
-        },  # fmt: skip
+            "paper": _pr(63.02, 59.81, 19.26, 54.43, 55.34),
+        },
         "#2 hard split, decoder": {
             "ablate": ("hard_split",),
-            "paper": {
-                "Prec@0.7": 70.34,
-                "Prec@0.8": 65.23,
-                "Prec@0.9": 21.47,
-                "cIoU": 60.08,
-                "gIoU": 60.93,
-            },
+            "paper": _pr(70.34, 65.23, 21.47, 60.08, 60.93),
             "note": "tiny: the stride-32 map is 2×2 < P×P, pooling repeats cells (warns)",
-        },  # fmt: skip
+        },
         "#3 w/o minimap": {
             "ablate": ("no_minimap",),
-            "paper": {
-                "Prec@0.7": 72.19,
-                "Prec@0.8": 66.02,
-                "Prec@0.9": 21.07,
-                "cIoU": 61.30,
-                "gIoU": 62.06,
-            },
-        },  # fmt: skip
+            "paper": _pr(72.19, 66.02, 21.07, 61.30, 62.06),
+        },
         "#4 ReLA": {"ablate": (), "paper": _FULL, "baseline": True},
     },
     "Table 3": {  # Ablation study of RLA design options (gRefCOCO val)
         "#1 baseline (F'_r times mean word feature)": {
             "ablate": ("no_region_att", "no_language_att"),
-            "paper": {
-                "Prec@0.7": 69.94,
-                "Prec@0.8": 61.10,
-                "Prec@0.9": 19.38,
-                "cIoU": 57.24,
-                "gIoU": 58.53,
-            },
+            "paper": _pr(69.94, 61.10, 19.38, 57.24, 58.53),
             "baseline": True,
-        },  # fmt: skip
+        },
         "#2 + language att.": {
             "ablate": ("no_region_att",),
-            "paper": {
-                "Prec@0.7": 72.03,
-                "Prec@0.8": 65.42,
-                "Prec@0.9": 21.04,
-                "cIoU": 59.86,
-                "gIoU": 60.53,
-            },
-        },  # fmt: skip
+            "paper": _pr(72.03, 65.42, 21.04, 59.86, 60.53),
+        },
         "#3 + region att.": {
             "ablate": ("no_language_att",),
-            "paper": {
-                "Prec@0.7": 73.52,
-                "Prec@0.8": 67.01,
-                "Prec@0.9": 23.43,
-                "cIoU": 61.00,
-                "gIoU": 62.38,
-            },
+            "paper": _pr(73.52, 67.01, 23.43, 61.00, 62.38),
             "note": "baseline + region self-attention (the text: +3.85 gIoU over #1)",
-        },  # fmt: skip
+        },
         "#4 ReLA": {"ablate": (), "paper": _FULL},
     },
     "Table 4": {  # Ablation study of the number of regions (gRefCOCO val)
-        "P=4 4×4 regions": {
-            "set": {"P": 4},
-            "paper": {
-                "Prec@0.7": 68.48,
-                "Prec@0.8": 60.25,
-                "Prec@0.9": 20.33,
-                "cIoU": 56.57,
-                "gIoU": 57.01,
-            },
-        },  # fmt: skip
-        "P=8 8×8 regions": {
-            "set": {"P": 8},
-            "paper": {
-                "Prec@0.7": 72.36,
-                "Prec@0.8": 66.85,
-                "Prec@0.9": 23.56,
-                "cIoU": 59.74,
-                "gIoU": 61.23,
-            },
-        },  # fmt: skip
+        "P=4 4×4 regions": {"set": {"P": 4}, "paper": _pr(68.48, 60.25, 20.33, 56.57, 57.01)},
+        "P=8 8×8 regions": {"set": {"P": 8}, "paper": _pr(72.36, 66.85, 23.56, 59.74, 61.23)},
         "P=10 10×10 regions": {"set": {"P": 10}, "paper": _FULL, "baseline": True},
-        "P=12 12×12 regions": {
-            "set": {"P": 12},
-            "paper": {
-                "Prec@0.7": 74.14,
-                "Prec@0.8": 67.56,
-                "Prec@0.9": 23.90,
-                "cIoU": 62.02,
-                "gIoU": 63.50,
-            },
-        },  # fmt: skip
+        "P=12 12×12 regions": {"set": {"P": 12}, "paper": _pr(74.14, 67.56, 23.90, 62.02, 63.50)},
     },
     "Table 5": {  # Comparison on gRefCOCO (val); only the two ReLA-decoder rows built here
         "LAVT+ReLA LAVT's encoder, ReLA decoder": {
@@ -415,21 +366,27 @@ def sine_position_encoding(h: int, w: int, dim: int, device=None) -> torch.Tenso
     return F.pad(pos, (0, dim - 4 * quarter))  # (h*w, dim) if dim is not a multiple of 4
 
 
-def minimap_target(masks: torch.Tensor, P: int) -> torch.Tensor:
-    """The released minimap GT: (B, H, W) {0,1} -> (B, P*P) long, row-major (query n <-> cell n).
+def minimap_target(masks: torch.Tensor, P: int, rule: str = "release") -> torch.Tensor:
+    """The minimap GT: (B, H, W) {0,1} -> (B, P*P) long, row-major (query n <-> cell n).
 
-    Bilinear resize to P×P (align_corners=False, no antialias) then `.long()`: truncation, so a cell
-    is 1 only where the interpolated value is exactly 1 (all its sampled pixels are foreground).
+    "any": cell n is 1 when it holds any target pixel, the paper's "x_r^n indicates its
+    probability of containing targets" (adaptive max pooling, cells may overlap by a pixel).
+    "release": bilinear resize to P×P (align_corners=False, no antialias) then `.long()`:
+    truncation, so a cell is 1 only where the interpolated value is exactly 1, in effect a sample
+    at the cell centre. At 64 px (6.4 px cells) that marks 3.8% of the cells of targeted gshapes
+    samples against 12.4% holding target pixels, and misses 2% of the targets entirely.
     """
+    if rule == "any":
+        return (F.adaptive_max_pool2d(masks[:, None].float(), P) > 0.5).long().flatten(1)
     small = F.interpolate(masks[:, None].float(), size=(P, P), mode="bilinear", align_corners=False)
     return small.long().flatten(1)  # (B, 1, P, P) -> (B, P*P)
 
 
-def attention(q, k, v, heads: int, key_mask=None):
+def attention(q, k, v, heads: int, key_mask=None, bias=None):
     """Scaled dot-product attention split into heads; softmax over the KEY axis.
 
-    q (B, N, C), k and v (B, M, C), key_mask (B, M) with 1 = attend. Returns (B, N, C) and the
-    attention weights (B, heads, N, M) (kept for tests and visualisation).
+    q (B, N, C), k and v (B, M, C), key_mask (B, M) with 1 = attend, bias (N, M) added to every
+    head's scores. Returns (B, N, C) and the attention weights (B, heads, N, M).
     """
     B, N, C = q.shape
     d = C // heads
@@ -437,6 +394,8 @@ def attention(q, k, v, heads: int, key_mask=None):
     k = k.reshape(B, -1, heads, d).transpose(1, 2)  # (B, heads, M, d)
     v = v.reshape(B, -1, heads, d).transpose(1, 2)  # (B, heads, M, d)
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, M)
+    if bias is not None:
+        scores = scores + bias  # (N, M) broadcast over B and heads
     if key_mask is not None:
         scores = scores.masked_fill(key_mask[:, None, None, :] == 0, float("-inf"))
     A = scores.softmax(-1)  # normalised over keys (pixels for RIA, words for RLA)
@@ -454,15 +413,20 @@ class RIA(nn.Module):
     Eq. (2): A_ri = softmax(Q_r σ(F_i W_ik)^T) over the H*W pixels; the gathered features are
     A_ri σ(F_i W_iv). As released (Mask2Former), layer l > 0 queries with the previous layer's F_r
     and adds the gathered features to it: F'_r = LN(F_r + A_ri σ(F_i W_iv)).
+    Where region n looks is a separate positional term added to the scores (Eq. 2 has no
+    positions): pos_scale · q_pos^n · pos_p / sqrt(C), q_pos^n learnable, pos_p the pixel's sine
+    encoding. q_pos starts at the sine encoding of cell n's centre, so region n starts looking at
+    cell n, the patch the minimap ties it to (as Anchor-DETR starts its queries on a grid).
     With hard_split (Table 2 #2) A_ri is replaced by a fixed P×P average pooling of σ(F_i W_iv).
     """
 
-    def __init__(self, C: int, heads: int):
+    def __init__(self, C: int, heads: int, pos_scale: float = 8.0):
         super().__init__()
         self.W_ik = nn.Linear(C, C)
         self.W_iv = nn.Linear(C, C)
         self.norm = nn.LayerNorm(C)
         self.heads = heads
+        self.pos_scale = pos_scale
 
     def forward(self, F_r, query_pos, F_i, pos, hw: tuple[int, int], hard_split: bool = False):
         """F_r (B, N, C) (Q_r in layer 0), query_pos (N, C), F_i (B, H*W, C), pos (H*W, C).
@@ -476,9 +440,10 @@ class RIA(nn.Module):
             gathered = F.adaptive_avg_pool2d(grid, P).flatten(2).transpose(1, 2)  # (B, P*P, C)
             A_ri = None
         else:
-            K = F.gelu(self.W_ik(F_i + pos))  # σ(F_i W_ik): (B, H*W, C)
+            K = F.gelu(self.W_ik(F_i))  # σ(F_i W_ik): (B, H*W, C)
+            where = self.pos_scale * query_pos @ pos.T / math.sqrt(pos.shape[-1])  # (N, H*W)
             # Eq. (2): A_ri (B, heads, N, H*W), softmax over pixels; gathered = A_ri V (B, N, C)
-            gathered, A_ri = attention(F_r + query_pos, K, V, self.heads)
+            gathered, A_ri = attention(F_r, K, V, self.heads, bias=where)
         return self.norm(F_r + gathered), A_ri  # F'_r (B, N, C)
 
 
@@ -519,9 +484,9 @@ class RLA(nn.Module):
 class ReLALayer(nn.Module):
     """One decoder layer: F'_r = RIA(F_r, F_i); F_r <- RLA(F'_r, F_t)."""
 
-    def __init__(self, C: int, heads: int, ffn: int):
+    def __init__(self, C: int, heads: int, ffn: int, pos_scale: float = 8.0):
         super().__init__()
-        self.ria = RIA(C, heads)
+        self.ria = RIA(C, heads, pos_scale)
         self.rla = RLA(C, heads, ffn)
 
     def forward(self, F_r, query_pos, F_i, pos, hw, F_t, word_mask, ablate=()):
@@ -745,12 +710,16 @@ class ReLA(nn.Module):
             backbone.channels, C, cfg.encoder_layers, cfg.num_heads, cfg.encoder_ffn, cfg.gn_groups
         )
         self.text_proj = nn.Linear(text_dim, C)  # F_t in the decoder's width C
-        # Q_r and its position as released (nn.Embedding, N(0, 1)): N distinct queries from the
-        # start. (0.02·randn behind a LayerNorm made all regions start and stay identical.)
+        # Q_r as released (nn.Embedding, N(0, 1)): N distinct queries from the start.
+        # (0.02·randn behind a LayerNorm made all regions start and stay identical.)
         self.query_feat = nn.Embedding(N, C)  # Q_r, region-based queries
-        self.query_pos = nn.Embedding(N, C)  # learnable position of region n
+        # The position of region n, learnable; it starts at cell n's centre (row-major, as the
+        # minimap), in the same sine encoding as the pixels (released: N(0, 1), no grid).
+        self.query_pos = nn.Embedding(N, C)
+        with torch.no_grad():
+            self.query_pos.weight.copy_(sine_position_encoding(cfg.P, cfg.P, C))
         self.layers = nn.ModuleList(
-            ReLALayer(C, cfg.num_heads, cfg.dec_ffn) for _ in range(cfg.dec_layers)
+            ReLALayer(C, cfg.num_heads, cfg.dec_ffn, cfg.pos_scale) for _ in range(cfg.dec_layers)
         )
         self.heads = RegionHeads(C, cfg.fusion_weight, cfg.prior)
 
@@ -808,7 +777,9 @@ class ReLA(nn.Module):
         two_class = torch.cat([torch.zeros_like(M), M], 1)  # (B, 2, H, W): CE = weighted BCE on M
         loss_mask = weighted_ce_loss(two_class, gt, cfg.class_weight)
         loss_minimap = weighted_ce_loss(
-            minimap_logits.transpose(1, 2), minimap_target(gt, cfg.P), cfg.class_weight
+            minimap_logits.transpose(1, 2),
+            minimap_target(gt, cfg.P, cfg.minimap_rule),
+            cfg.class_weight,
         )  # (B, 2, N) vs (B, N)
         loss_nt = weighted_ce_loss(nt_logits, targets["no_target"].long(), cfg.class_weight)
         use_minimap = 0.0 if "no_minimap" in cfg.ablate else cfg.minimap_weight
@@ -827,6 +798,8 @@ def build_model(cfg: Config) -> nn.Module:
             )
     if cfg.fusion_weight not in ("prob", "logit"):
         raise ValueError(f"fusion_weight must be 'prob' or 'logit', got '{cfg.fusion_weight}'")
+    if cfg.minimap_rule not in ("any", "release"):
+        raise ValueError(f"minimap_rule must be 'any' or 'release', got '{cfg.minimap_rule}'")
     if cfg.gate_init not in ("learnable", "release"):
         raise ValueError(f"gate_init must be 'learnable' or 'release', got '{cfg.gate_init}'")
     side = cfg.image_size // 32  # the coarsest map RIA reads
@@ -867,7 +840,8 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
 
     minimap_auc: AUC of x_r against the P×P cells that hold any target pixel, over the cells of
     the batch's targeted samples (1 = every target cell ranks above every other cell, 0.5 = no
-    better than chance). x_r_target / x_r_other: mean x_r on those cells / elsewhere.
+    better than chance); minimap_auc_release: the same against the release's cell-centre minimap.
+    x_r_target / x_r_other: mean x_r on the cells holding target pixels / elsewhere.
     region_cos / region_cos_prime: mean pairwise cosine of the N region features F_r / F'_r
     (1 = all regions identical).
     """
@@ -880,6 +854,9 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
     nan = float("nan")
     return {
         "minimap_auc": _auc(scores, labels),
+        "minimap_auc_release": _auc(
+            scores, minimap_target(masks, P, "release")[targeted].flatten() > 0
+        ),
         "x_r_target": scores[labels].mean().item() if labels.any() else nan,
         "x_r_other": scores[~labels].mean().item() if (~labels).any() else nan,
         "region_cos": _mean_pairwise_cosine(outputs["F_r"]),

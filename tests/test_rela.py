@@ -61,6 +61,23 @@ def test_ria_is_eq2_softmax_over_pixels():
     torch.testing.assert_close(A_ri.sum(-1), torch.ones(B, 4, N))
 
 
+def test_ria_region_n_starts_looking_at_cell_n():
+    """The positional term alone (no content): region n's attention peaks on cell n's pixels."""
+    torch.manual_seed(0)
+    P, C, h = 4, 32, 8  # 4×4 regions over an 8×8 map: cell (r, c) covers pixels 2r..2r+1
+    ria = rela.RIA(C, heads=2)
+    query_pos = rela.sine_position_encoding(P, P, C)  # the model's initial q_pos
+    pos = rela.sine_position_encoding(h, h, C)
+    F_r = torch.zeros(1, P * P, C)  # no content: only where the regions look
+    _, A_ri = ria(F_r, query_pos, torch.zeros(1, h * h, C), pos, (h, h))
+    peak = A_ri[0, 0].argmax(-1)  # (N,) the most attended pixel of each region
+    n = torch.arange(P * P)
+    assert ((peak // h) // 2 == n // P).all() and ((peak % h) // 2 == n % P).all()
+    assert A_ri[0, 0].max(-1).values.min() > 2 / (h * h)  # clearly more than uniform
+    model = rela.build_model(small_cfg(P=P))
+    torch.testing.assert_close(model.query_pos.weight, query_pos)
+
+
 def test_hard_split_averages_the_cells():
     torch.manual_seed(0)
     ria = rela.RIA(8, heads=2)
@@ -101,6 +118,11 @@ def test_minimap_target_matches_released_rule():
     # Same as the released code's expression on a (B, 1, H, W) mask.
     released = F.interpolate(mask[:, None], size=(10, 10), mode="bilinear").long().flatten(1)
     torch.testing.assert_close(target, released)
+    # "any" (the paper's "containing targets"): every block with a target pixel.
+    expected_any = np.zeros((10, 10), dtype=np.int64)
+    expected_any[2:5, 2:5] = expected_any[0, 0] = expected_any[9, 9] = 1
+    any_target = rela.minimap_target(mask, 10, "any").reshape(10, 10).numpy()
+    np.testing.assert_array_equal(any_target, expected_any)
 
 
 def test_eq1_fusion_equals_naive_loop():
@@ -189,6 +211,9 @@ def test_diagnostics_on_a_hand_made_case():
     out["F_r_prime"] = torch.eye(P * P)[None].expand(3, -1, -1)  # orthogonal regions
     d = rela.diagnostics(out, {"mask": masks})
     assert d["minimap_auc"] == 1.0
+    # The release's cell-centre minimap marks (0, 0) and (3, 3) only; cell (1, 0) (x_r 0.9) is a
+    # negative there: each positive beats 29 of 30 negatives and ties one.
+    assert d["minimap_auc_release"] == pytest.approx(59 / 60)
     assert d["x_r_target"] == pytest.approx(0.9) and d["x_r_other"] == pytest.approx(0.1)
     assert d["region_cos"] == pytest.approx(1.0) and d["region_cos_prime"] == pytest.approx(0.0)
     out["minimap"] = 0.9 - 0.8 * cells  # inverted
@@ -396,6 +421,8 @@ def test_unknown_ablation_and_bad_options_raise():
         rela.build_model(dataclasses.replace(small_cfg(), ablate=("nope",)))
     with pytest.raises(ValueError, match="fusion_weight"):
         rela.build_model(small_cfg(fusion_weight="softmax"))
+    with pytest.raises(ValueError, match="minimap_rule"):
+        rela.build_model(small_cfg(minimap_rule="centre"))
     with pytest.raises(ValueError, match="gate_init"):
         rela.build_model(small_cfg(gate_init="open"))
 
