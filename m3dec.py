@@ -756,14 +756,18 @@ class M3Dec(nn.Module):
 
         # M3Dec (§III-A) with IMI (§III-B) between successive layers.
         F_dec, F_l = F_t, F_t  # the first query is F_t; F_l^0 = F_t
+        first_attn_V = None
         for n, layer in enumerate(self.decoder_layers):
             F_dec, attn_V, attn_L = layer(F_dec, F_enc, pad)  # (B, N_t, C)
+            first_attn_V = attn_V if n == 0 else first_attn_V
             if n < len(self.imi):
                 F_dec, F_l = self.imi[n](F_dec, F_l, pad)
         logits = self.mask_decoder(F_dec, F_enc, pad, size)  # (B, 1, h, w)
 
-        # Values for diagnostics() and sample_extra(): the last layer's two attention maps.
-        out = {"mask_logits": logits, "attn_V": attn_V.detach(), "input_ids": input_ids,
+        # Values for diagnostics() and sample_extra(): the last layer's two attention maps and the
+        # first layer's LAV (its queries are still the words F_t).
+        out = {"mask_logits": logits, "attn_V": attn_V.detach(),
+               "attn_V_first": first_attn_V.detach(), "input_ids": input_ids,
                "attention_mask": attention_mask}  # fmt: skip
         if attn_L is not None:
             out["attn_L"] = attn_L.detach()
@@ -828,7 +832,8 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
     Mutual attention (Eq. 2a, last layer): for expressions with a target, att_on_target = share of
     the words' pixel attention that falls on the referred object (mean over the words), against
     target_area = the object's share of the F_enc cells (what a uniform map would give);
-    att_on_target_best = the same for the word that attends the object most.
+    att_on_target_best = the same for the word that attends the object most; att_on_target_first =
+    att_on_target in the first M3Dec layer.
     """
     result = {}
     if "F_proj" in outputs and outputs["F_proj"].shape[0] > 1:
@@ -838,23 +843,25 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
         result["lfr_R2"] = (1 - (F_rec - F_proj).pow(2).sum() / sst).item() if sst > 0 else 0.0
         result["lfr_proj_spread"] = centred.pow(2).mean(0).sqrt().mean().item()
         result["lfr_proj_norm"] = F_proj.norm(dim=1).mean().item()
-    attn_V = outputs["attn_V"].float()  # (B, N_t, HW)
-    B, N_t, HW = attn_V.shape
-    side = math.isqrt(HW)
+    side = math.isqrt(outputs["attn_V"].shape[-1])
     # the object's share of each F_enc cell, (B, HW)
     cover = F.adaptive_avg_pool2d(batch["mask"].float()[:, None], side).flatten(1)
     words = word_mask(outputs["input_ids"], outputs["attention_mask"])  # (B, N_t)
     has = (cover.sum(1) > 0) & ~batch["no_target"].bool()  # expressions with a target
-    if has.any():
-        on = attn_V @ cover[..., None]  # share of each word's attention on the object, (B, N_t, 1)
-        on = on[..., 0].masked_fill(~words, 0.0)
-        mean_on = on.sum(1) / words.sum(1)  # (B,)
-        best_on = on.masked_fill(~words, float("-inf")).amax(1)  # (B,)
-        result["att_on_target"] = mean_on[has].mean().item()
-        result["att_on_target_best"] = best_on[has].mean().item()
-        result["target_area"] = cover.mean(1)[has].mean().item()
-    else:
-        result.update(att_on_target=math.nan, att_on_target_best=math.nan, target_area=math.nan)
+    if not has.any():
+        names = ("att_on_target", "att_on_target_best", "att_on_target_first", "target_area")
+        return {**result, **dict.fromkeys(names, math.nan)}
+
+    def share(attn_V: torch.Tensor) -> torch.Tensor:
+        """(B, N_t, HW) -> share of each word's attention on the object, (B, N_t), 0 off words."""
+        return (attn_V.float() @ cover[..., None])[..., 0].masked_fill(~words, 0.0)
+
+    on = share(outputs["attn_V"])  # (B, N_t)
+    result["att_on_target"] = (on.sum(1) / words.sum(1))[has].mean().item()
+    result["att_on_target_best"] = on.masked_fill(~words, -1.0).amax(1)[has].mean().item()
+    on_first = share(outputs["attn_V_first"])
+    result["att_on_target_first"] = (on_first.sum(1) / words.sum(1))[has].mean().item()
+    result["target_area"] = cover.mean(1)[has].mean().item()
     return result
 
 

@@ -457,8 +457,9 @@ def test_diagnostics_on_a_hand_made_case():
     mask[:, :4, :4] = 1.0
     F_proj = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # mean (2, 1): SST = 2 * (1 + 1) = 4
     F_rec = torch.tensor([[1.0, 1.0], [3.0, 2.0]])  # SSE = 1 -> R^2 = 1 - 1/4
-    out = {"attn_V": attn_V, "input_ids": ids, "attention_mask": torch.ones(B, N_t, dtype=int),
-           "F_proj": F_proj, "F_rec": F_rec}  # fmt: skip
+    uniform = torch.full((B, N_t, HW), 0.25)
+    out = {"attn_V": attn_V, "attn_V_first": uniform, "input_ids": ids, "F_proj": F_proj,
+           "attention_mask": torch.ones(B, N_t, dtype=int), "F_rec": F_rec}  # fmt: skip
     batch = {"mask": mask, "no_target": torch.tensor([False, False])}
     d = diagnostics(out, batch)
     assert d["lfr_R2"] == pytest.approx(0.75)
@@ -467,6 +468,7 @@ def test_diagnostics_on_a_hand_made_case():
     assert d["target_area"] == pytest.approx(0.25)
     assert d["att_on_target"] == pytest.approx(((1 + 0) / 2 + 0.25) / 2)  # [CLS]/[SEP] excluded
     assert d["att_on_target_best"] == pytest.approx((1 + 0.25) / 2)
+    assert d["att_on_target_first"] == pytest.approx(0.25)  # uniform first layer
     # predicting a constant scores R^2 = 0; no-target expressions are left out of the share
     d = diagnostics({**out, "F_rec": F_proj.mean(0).expand(2, 2)},
                     {"mask": mask, "no_target": torch.tensor([True, False])})  # fmt: skip
@@ -489,7 +491,7 @@ def test_diagnostics_and_sample_extra_on_the_model():
     batch = {"mask": targets["masks"], "no_target": targets["no_target"]}
     d = diagnostics(out, batch)
     assert set(d) == {"lfr_R2", "lfr_proj_spread", "lfr_proj_norm", "att_on_target",
-                      "att_on_target_best", "target_area"}  # fmt: skip
+                      "att_on_target_best", "att_on_target_first", "target_area"}  # fmt: skip
     assert all(math.isfinite(v) for v in d.values()) and d["target_area"] == pytest.approx(0.25)
     panels = sample_extra(out, 1, Tok())
     feat, _ = expected_sizes(cfg)
