@@ -38,7 +38,8 @@ they differ. Tables 3-5 were trained for 10 epochs only.
 
 Loss balance. With the paper's focal loss (Lin et al.'s alpha 0.25, gamma 2) the focal term is
 ~0.02 against a Dice term of ~0.8 on the demo, so at weights 1:1 training is driven by Dice
-alone (`--set focal_weight=...` rebalances it).
+alone. Weighting the focal term x20 (so that it matches Dice: --set focal_weight=20) changed
+nothing measurable: mIoU 32.1 against 33.1, text-swap IoU 0.39 against 0.45 (600 demo steps).
 
 Differences from the paper and the released code, one line each.
 The paper is silent:
