@@ -71,15 +71,14 @@ We deviate on purpose:
 - RIA's positions: a separate term pos_scale · q_pos·pos / sqrt(C) on the scores, q_pos starting
   at cell n's sine position (region n starts at cell n); released: sine keys and N(0, 1) query
   positions inside Mask2Former's projections, which start every region looking everywhere.
-- gate_init="learnable" by default: the release's closed gates make the encoder fusion a no-op.
+- gate_init="learnable" by default: the release's closed gates keep the text out of the Swin
+  stream for good (it reaches the decoder only through the PWAM outputs).
 - All BERT layers train in the demo (RECIPE["frozen"] has the release's frozen ones).
 - Inference: mask_logits = -1e4 where E > 0 (mask_logits_raw keeps M for the official FP union).
 - ReLA-50pix (Table 6): 50 pixels at the paper's 480×480, scaled with the image area (<1 px at 64).
 - tiny(): the shared pretrained tiny Swin (32-256 channels) + BERT (64-d); C = 64, 3 decoder layers;
   P stays 10 although the stride-32 map is 2×2 (so hard_split repeats cells and warns).
 - "hard_split" is Table 2 #2 (P×P average pooling in RIA); #1 (split the input image) is not here.
-
-fusion_weight="logit" (the release's Eq. 1): see Config.fusion_weight for what it does here.
 
 Reference code: https://github.com/henghuiding/ReLA (branches main and original), LAVT's PWAM:
 https://github.com/yz93/LAVT-RIS (lib/backbone.py).
@@ -166,6 +165,9 @@ class Config:
     dec_ffn: int = 2048  # released DIM_FEEDFORWARD (the MLP of F_r = MLP(...))
     pos_scale: float = 8.0  # sharpness of RIA's positional term (ours, see RIA)
     # Eq. (1) weights: "prob" = x_r (paper); "logit" = fg - bg minimap logits (released main).
+    # "logit" trains with this initialisation (demo, 300 steps, release minimap rule: gIoU 40.1,
+    # "prob" 39.2); with 0.02-scale identical queries and |M| ~ 20-40 at init it stalled (gIoU 8.8,
+    # N-acc 0 after 350 steps).
     fusion_weight: str = "prob"
     prior: float = 0.04  # init only: the mask bias and x_r start at this foreground share
     # --- no-target decision ---
@@ -877,8 +879,8 @@ def sample_extra(outputs: dict, i: int, tokenizer) -> list[tuple]:
     M_r = outputs["M_r"][i, top].detach().float().sigmoid().cpu()  # (3, h, w)
     gap = torch.full((M_r.shape[1], 1), float("nan"))  # a blank column between the masks
     montage = torch.cat([M_r[0], gap, M_r[1], gap, M_r[2]], 1).numpy()  # (h, 3w + 2)
-    where = ", ".join(f"({n // P},{n % P})" for n in top)
-    panels.append((montage, f"sigmoid(M_r), top-3 x_r regions {where}", (0, 1)))
+    where = " ".join(f"({n // P},{n % P})" for n in top)
+    panels.append((montage, f"sigmoid(M_r) of top x_r: {where}", (0, 1)))
     return panels
 
 

@@ -290,7 +290,7 @@ def test_forward_backward_shapes_and_panels(P):
     assert minimap.shape == (P, P) and "no-target p=" in caption and vrange == (0, 1)
     assert montage.shape == (s, 3 * s + 2) and vrange2 == (0, 1)
     top = out["minimap"][1].flatten().argmax().item()
-    assert f"regions ({top // P},{top % P})" in caption2
+    assert f"top x_r: ({top // P},{top % P})" in caption2
     np.testing.assert_allclose(montage[:, :s], out["M_r"][1, top].detach().sigmoid().numpy())
 
 
