@@ -42,8 +42,9 @@ CLIP-family methods rely on (share of the referred object's patches in the top h
 ranked by cosine with the sentence; chance 0.5).
 
 Run `python pretrain.py`: the three parts train side by side, one process and one thread each
-(small ops run faster so, and the weights are bitwise the same whatever the machine's load), about
-7 CPU-minutes in all, so ~4 minutes on 2 idle cores; deterministic from --seed. Or
+(for ops this small one thread per part beats two, and the weights are bitwise the same whatever
+the machine's load): about 6 CPU-minutes in all, 3-4 minutes on 2 idle cores, deterministic from
+--seed. Or
 `python pretrain.py --init-only`: random-init folders of the same architectures, in seconds.
 """
 
@@ -645,8 +646,9 @@ def model_card(part: str, quality: dict) -> str:
         f"synthetic world by `pretrain.py` (seed {quality['seed']}).\n\n"
         f"Objective: {objective}.\n\nLoad: `{load}`.\n\n"
         f"Made by: `python pretrain.py --seed {quality['seed']}` (the three encoders side by "
-        f"side, one thread each: {quality['total_wall_minutes']:.1f} min wall; this part "
-        f"{quality[part + '_train_cpu_minutes']:.1f} CPU-min of training).\n\n"
+        f"side, one thread each; this one: {quality[part + '_train_cpu_minutes']:.1f} CPU-min "
+        f"of training, {quality[part + '_train_wall_minutes']:.1f} min wall on the machine it "
+        f"ran on).\n\n"
         f"Quality on the val split (pretrained/quality.json has every number):\n\n{numbers}\n"
     )
 
@@ -665,37 +667,48 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="model init and batch order")
     parser.add_argument("--out", default=str(ROOT / "pretrained"), help="folder of the 3 models")
     parser.add_argument("--init-only", action="store_true", help="save random-init models only")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated parts to (re)train; the others' folders and "
+                             "numbers in <out>/quality.json are kept")  # fmt: skip
     for part in PARTS:
-        parser.add_argument(f"--{part}-steps", type=int, default=RECIPES[part].steps,
-                            help=f"training steps of {FOLDERS[part]}")  # fmt: skip
+        for field, kind in (("steps", int), ("batch_size", int), ("lr", float)):
+            flag = f"--{part}-{field.replace('_', '-')}"
+            parser.add_argument(flag, type=kind, default=getattr(RECIPES[part], field),
+                                help=f"{field} of {FOLDERS[part]}")  # fmt: skip
     parser.add_argument("--val-samples", type=int, default=500, help="val scenes for quality")
     parser.add_argument("--workers", type=int, default=3,
                         help="parts trained at once, one process and one thread each")  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
+    parts = [p for p in PARTS if p in args.parts.split(",")]
     if args.init_only:
-        for part in PARTS:
+        for part in parts:
             save(part, build_model(part, args.seed), out)
         print(f"wrote random-init encoders to {out}")
         return
-    recipes = {p: replace(RECIPES[p], steps=getattr(args, f"{p}_steps")) for p in PARTS}
-    quality: dict = {"seed": args.seed, "workers": args.workers,
-                     "recipes": {p: asdict(r) for p, r in recipes.items()}}  # fmt: skip
-    start = time.time()
+    recipes = {p: replace(RECIPES[p], steps=getattr(args, f"{p}_steps"),
+                          lr=getattr(args, f"{p}_lr"), batch_size=getattr(args, f"{p}_batch_size"))
+               for p in parts}  # fmt: skip
+    record = out / "quality.json"
+    quality = json.loads(record.read_text()) if record.exists() and parts != list(PARTS) else {}
+    if quality.get("seed", args.seed) != args.seed:
+        raise SystemExit(f"{record} was made with seed {quality['seed']}: retrain every part")
+    quality["seed"] = args.seed
+    quality.setdefault("recipes", {}).update({p: asdict(r) for p, r in recipes.items()})
     # The parts are independent (own seed, own data stream): run them side by side, CLIP first
     # (the longest). Each process uses one thread, so the weights do not depend on --workers.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(min(args.workers, len(parts)), mp_context=context) as pool:
         jobs = {p: pool.submit(pretrain_part, p, args.seed, recipes[p], out, args.val_samples)
-                for p in ("clip", "swin", "bert")}  # fmt: skip
-        for part in PARTS:
+                for p in sorted(parts, key=("clip", "swin", "bert").index)}  # fmt: skip
+        for part in parts:
             quality.update(jobs[part].result())
-    quality["total_wall_minutes"] = (time.time() - start) / 60
     for part in PARTS:
-        (out / FOLDERS[part] / "README.md").write_text(model_card(part, quality))
-    (out / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
+        if f"{part}_checksum" in quality:
+            (out / FOLDERS[part] / "README.md").write_text(model_card(part, quality))
+    record.write_text(json.dumps(quality, indent=1) + "\n")
     print(json.dumps(_rounded(quality), indent=1))
-    print(f"wrote {out} ({quality['total_wall_minutes']:.1f} min)")
+    print(f"wrote {', '.join(FOLDERS[p] for p in parts)} and {record}")
 
 
 if __name__ == "__main__":

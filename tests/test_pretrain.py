@@ -133,3 +133,26 @@ def test_mlm_mask_is_bert_style():
     frac_mask = (masked[picked] == tok.mask_token_id).float().mean()
     assert 0.7 < frac_mask < 0.9
     assert torch.equal(masked[~picked], ids[~picked])
+
+
+def test_shipped_encoders_learned_their_objectives():
+    """A few val samples: far above chance on what each objective taught (the full numbers, on
+    500 val scenes, are in quality.json)."""
+    clip = CLIPModel.from_pretrained(FOLDER / "tiny-clip")
+    clip_tok = AutoTokenizer.from_pretrained(FOLDER / "tiny-clip")
+    q = pretrain.clip_quality(clip, clip_tok, pretrain.World("val"), 32, 32)
+    assert q["clip_target_share_top_half"] > 0.85  # chance 0.5; 500 val scenes: see quality.json
+
+    bert = BertForMaskedLM.from_pretrained(FOLDER / "tiny-bert").eval()
+    bert_tok = AutoTokenizer.from_pretrained(FOLDER / "tiny-bert")
+    ids, mask = data.encode_text(bert_tok, "the large red [MASK]", 20)
+    assert ids[4] == bert_tok.mask_token_id  # [CLS] the large red [MASK] [SEP]
+    with torch.no_grad():
+        word = bert_tok.convert_ids_to_tokens(
+            int(bert(ids[None], mask[None]).logits[0, 4].argmax())
+        )
+    assert word in data.SHAPES + data.GENERIC_NOUNS
+
+    swin = SwinForImageClassification.from_pretrained(FOLDER / "tiny-swin")
+    q = pretrain.swin_quality(swin, pretrain.World("val"), 32)["swin_label_accuracy_per_label"]
+    assert np.mean([q[c] for c in data.COLOUR_NAMES]) > 0.8  # chance ~0.5
