@@ -99,10 +99,10 @@ We deviate on purpose:
   taps = layers 3 and 7, a third and two thirds of the depth as ViT-B/16's 4 and 8 of 12.
 
 torch.compile: the two embedding hooks are registered once and read the current mask from the
-model, so a training step traces into one graph: `torch._dynamo.explain` on the tiny model, after
-one eager call, finds 1 graph and 0 breaks (hooks added and removed per branch broke it 7 times).
-The very first call breaks once inside transformers, which installs its output_hidden_states
-capture under a lock, and dynamo recompiles once after it.
+model, so a training step traces into one graph: `torch._dynamo.explain` on the tiny model finds
+1 graph and 0 breaks from the second call on (hooks added and removed per branch, as before:
+6 graphs, 5 breaks). The first call alone breaks 3 times inside transformers, which installs its
+output_hidden_states capture under a lock once per model.
 """
 
 from __future__ import annotations
@@ -713,7 +713,8 @@ class CMMaskSD(nn.Module):
             self.patch_mask_token = nn.Parameter(0.02 * torch.randn(C_v))  # v'
         if self.use_vmlsd:
             self.word_mask_token = nn.Parameter(0.02 * torch.randn(C_t))  # w'
-        # The embedding hooks stay registered; they act only while a mask is set (see masked()).
+        # The embedding hooks stay registered; they act only while lmvsd_branch / vmlsd_branch
+        # has set a mask, so the main branch and torch.compile see one fixed set of hooks.
         self._patch_mask: torch.Tensor | None = None
         self._word_mask: torch.Tensor | None = None
         self.vision.embeddings.patch_embedding.register_forward_hook(self._mask_patches)
