@@ -872,7 +872,7 @@ def main(argv=None) -> None:
                     "step": step,
                     "loss": out["loss"].item(),
                     "lr": scheduler.get_last_lr()[-1],
-                    **{k: float(v) for k, v in out["losses"].items()},
+                    **{k: float(torch.as_tensor(v).detach()) for k, v in out["losses"].items()},
                     "s_per_step": (time.time() - t_log) / args.log_every,
                 }
                 log.write(json.dumps(row) + "\n")
