@@ -656,13 +656,11 @@ def model_card(part: str, quality: dict) -> str:
     )
 
 
-def save(part: str, model: torch.nn.Module, out: Path, quality: dict | None = None) -> None:
-    """save_pretrained (safetensors) + the tokenizer + the model card (when quality is given)."""
+def save(part: str, model: torch.nn.Module, out: Path) -> None:
+    """save_pretrained (safetensors) + the tokenizer; main() writes the model cards."""
     model.save_pretrained(out / FOLDERS[part])
     if part in ("bert", "clip"):
         data.build_tokenizer(part).save_pretrained(out / FOLDERS[part])
-    if quality is not None:
-        (out / FOLDERS[part] / "README.md").write_text(model_card(part, quality))
 
 
 def main() -> None:
