@@ -846,9 +846,8 @@ class MagNet(nn.Module):
                 other = self.grounding(
                     O_masked, attention_mask, selected, P.roll(1, 0), masks.roll(1, 0), E
                 )
-                out.update(
-                    mg_guess_other=other.argmax(-1), mg_correct_other=other.argmax(-1) == y_gt
-                )
+                guess_other = other.argmax(-1)
+                out.update(mg_guess_other=guess_other, mg_correct_other=guess_other == y_gt)
         return F.cross_entropy(word_logits.float(), y_gt)
 
 
