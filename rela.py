@@ -850,7 +850,7 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
     x_r = outputs["minimap"].float()  # (B, P, P)
     B, P, _ = x_r.shape
     masks = batch["mask"].to(x_r.device).float()  # (B, H, W)
-    cells = F.adaptive_max_pool2d(masks[:, None], P)[:, 0] > 0.5  # (B, P, P): any target pixel
+    cells = minimap_target(masks, P, "any").view(B, P, P) > 0  # (B, P, P): any target pixel
     targeted = cells.flatten(1).any(1)  # (B,)
     scores, labels = x_r[targeted].flatten(), cells[targeted].flatten()
     nan = float("nan")
