@@ -225,11 +225,9 @@ def describe(attributes: tuple, rng: np.random.Generator, full: bool = False) ->
 
 
 def words(desc: tuple, rng: np.random.Generator) -> str:
-    """ "large red circle", "big shape", "green object": the grammar's words and synonyms."""
-    size, colour, shape = desc
-    out = [data.SIZE_WORDS[size][rng.integers(2)]] if size else []
-    out += [colour] if colour else []
-    return " ".join(out + [shape or data.GENERIC_NOUNS[rng.integers(len(data.GENERIC_NOUNS))]])
+    """ "large red circle", "big shape", "green object": the grammar's words and synonyms
+    (data.py's own wording of a description, the same draws from rng)."""
+    return data._words(desc, rng)
 
 
 def matches(desc: tuple, attributes: tuple) -> bool:
