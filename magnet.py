@@ -781,7 +781,8 @@ class MagNet(nn.Module):
         if self.use_p2p or self.use_p2t:
             cal = self.alignment_loss(I, O, attention_mask, masks, logits, out)
             losses.update(cal)
-            warm = min(1.0, (int(self.step) + 1) / cfg.cal_warmup) if cfg.cal_warmup else 1.0
+            # On the device: int(self.step) would stall every training step on a host sync.
+            warm = ((self.step + 1) / cfg.cal_warmup).clamp(max=1.0) if cfg.cal_warmup else 1.0
             total = total + warm * cfg.lambda_cal * sum(cal.values())
         if self.grounding is not None:
             losses["grounding"] = self.grounding_loss(P, input_ids, attention_mask, masks, out)
