@@ -316,7 +316,6 @@ RECIPE = {
     "encoder_lr_factor": 1.0,  # BACKBONE_MULTIPLIER 0.1 is defined but build_optimizer ignores it
     "weight_decay": 0.05,  # SOLVER.WEIGHT_DECAY (0 for norms/embeddings/pos tables in the release)
     "schedule": "step",  # WarmupMultiStepLR (detectron2 default LR_SCHEDULER_NAME)
-    "poly_power": 0.9,  # unused (step schedule)
     "milestones": (110000, 140000),  # SOLVER.STEPS
     "gamma": 0.1,  # detectron2 default SOLVER.GAMMA
     "warmup": 0,  # WARMUP_ITERS 10 with WARMUP_FACTOR 1.0: no warm-up in effect
