@@ -738,7 +738,9 @@ class ASDA(nn.Module):
             candidates = tuple((layer,) for layer in cfg.manual_layers)
         if self.intermediate:
             out["selected_layers"] = layers  # (B, 2) long, 1-based layer ids
-            out["candidate_layers"] = torch.tensor(candidates, device=images.device)  # (2, k)
+            # (2, k), on the CPU: only diagnostics() reads it, and a copy to the device would
+            # block every training step.
+            out["candidate_layers"] = torch.tensor(candidates)
             F_L, F_M = tokens_to_map(F_L, H, W), tokens_to_map(F_M, H, W)  # (B, C_v, H, W)
 
         # Eq. 4-5: F_coarse (B, H*W, dim)
