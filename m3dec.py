@@ -651,6 +651,8 @@ class VisualEncoder(nn.Module):
         stages[k + 1 :].requires_grad_(False)
         self.stride = self.backbone.config.patch_size * 2 ** (k - 1)  # 16 on paper(), 8 on tiny()
         C = cfg.hidden_dim
+        side = cfg.image_size // self.stride  # F_enc is side x side (M3Dec checks image_size)
+        self.register_buffer("pos", sine_embedding_2d(side, side, C), persistent=False)  # (HW, C)
         # VLT-style neck: every level to C channels, then one fusion conv at the middle stride.
         self.lateral = nn.ModuleList(conv_bn_relu(c, C, 1) for c in self.backbone.channels)
         self.fuse = conv_bn_relu(3 * C, C, 1)
@@ -671,7 +673,7 @@ class VisualEncoder(nn.Module):
         F_vis = self.fuse(torch.cat([fine, mid, coarse], dim=1))  # (B, 3C, H, W) -> (B, C, H, W)
         B, C, H, W = F_vis.shape
         x = F_vis.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
-        x = x + sine_embedding_2d(H, W, C).to(x)  # positional encoding, once at the input
+        x = x + self.pos.to(x)  # positional encoding, once at the input
         for layer in self.layers:
             x = layer(x)  # (B, HW, C)
         return x, (H, W)
