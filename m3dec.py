@@ -671,12 +671,11 @@ class VisualEncoder(nn.Module):
         mid = self.lateral[1](mid)  # (B, C, H, W)
         coarse = F.interpolate(self.lateral[2](coarse), size, mode="bilinear", align_corners=False)
         F_vis = self.fuse(torch.cat([fine, mid, coarse], dim=1))  # (B, 3C, H, W) -> (B, C, H, W)
-        B, C, H, W = F_vis.shape
         x = F_vis.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
         x = x + self.pos.to(x)  # positional encoding, once at the input
         for layer in self.layers:
             x = layer(x)  # (B, HW, C)
-        return x, (H, W)
+        return x, tuple(size)  # (H, W)
 
 
 # ---------------------------------------------------------------------------------------------
