@@ -14,10 +14,9 @@ Every method file exposes the same contract (see any of them): Config (paper() /
 build_model(cfg), model(images, input_ids, attention_mask, targets) -> {"mask_logits", "loss",
 ...}, ABLATIONS, TABLES (the paper's ablation rows), RECIPE (the paper's training recipe),
 diagnostics(...) (the paper's mechanism, measured on an eval batch) and sample_extra(...) for the
-pictures. This
-script only moves data, steps the optimizer, evaluates with common.RISMetrics (plus the text-swap
-IoU: does the prediction change when the expression does?) and writes runs/<name>/: config.json,
-log.jsonl, metrics.json, last.pt, best.pt, curves.png, samples.png.
+pictures. This script only moves data, steps the optimizer, evaluates with common.RISMetrics (plus
+the text-swap IoU: does the prediction change when the expression does?) and writes
+runs/<name>/: config.json, log.jsonl, metrics.json, last.pt, best.pt, curves.png, samples.png.
 """
 
 from __future__ import annotations
@@ -102,14 +101,24 @@ def describe_recipe(r: dict) -> str:
     )
 
 
+def row_flags(spec: dict) -> str:
+    """The flags that build a TABLES row, as a user would type them."""
+    parts = [f"--ablate {','.join(spec['ablate'])}"] if spec.get("ablate") else []
+    parts += [f"--set {k}={v}" for k, v in spec.get("set", {}).items()]
+    return " ".join(parts) or "(full model)"
+
+
 def describe_row(spec: dict) -> str:
     """One line: how a TABLES row is built, and the paper's number."""
     if "skip" in spec:
         return f"not built: {spec['skip']}"
-    parts = [f"--ablate {','.join(spec['ablate'])}"] if spec.get("ablate") else []
-    parts += [f"--set {k}={v}" for k, v in spec.get("set", {}).items()]
     paper = ", ".join(f"{k} {v}" for k, v in spec.get("paper", {}).items())
-    return (" ".join(parts) or "(full model)") + (f"  [paper: {paper}]" if paper else "")
+    return row_flags(spec) + (f"  [paper: {paper}]" if paper else "")
+
+
+def slug(text: str) -> str:
+    """A row or table name as a folder name: "Table 2 #3" -> "Table_2_3"."""
+    return re.sub(r"[^A-Za-z0-9=.+-]+", "_", text).strip("_")
 
 
 def find_row(tables: dict, row: str) -> tuple[str, str, dict]:
@@ -121,7 +130,7 @@ def find_row(tables: dict, row: str) -> tuple[str, str, dict]:
                 if key == rid or key.split()[0] == rid:
                     return table, key, spec
     listing = "; ".join(f"{t} {k.split()[0]}" for t, rows in tables.items() for k in rows)
-    fail(f"unknown row {row!r}; choose from: {listing or '(this method has no TABLES)'}")
+    fail(f"unknown row {row!r}; choose from: {listing}")
 
 
 def lr_factor(step: int, warmup: int, progress: float, recipe: dict) -> float:
@@ -302,15 +311,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         module = importlib.import_module(m)
         lines += [f"  {m}:", "    ablations (--ablate NAME):"]
         lines += [f"      {k:22s} {v}" for k, v in module.ABLATIONS.items()]
-        tables = getattr(module, "TABLES", {})
-        if tables:
-            lines.append("    paper table rows (--row):")
-            for table, rows in tables.items():
-                for row, spec in rows.items():
-                    how = describe_row(spec)
-                    lines.append(f"      {table} {row}".ljust(46) + f" {how}")
-        if hasattr(module, "RECIPE"):
-            lines.append("    paper recipe (--recipe paper): " + describe_recipe(module.RECIPE))
+        lines.append("    paper table rows (--row):")
+        for table, rows in module.TABLES.items():
+            for row, spec in rows.items():
+                lines.append(f"      {table} {row}".ljust(46) + f" {describe_row(spec)}")
+        lines.append("    paper recipe (--recipe paper): " + describe_recipe(module.RECIPE))
     p.epilog = "methods:\n" + "\n".join(lines)
     return p.parse_args(argv)
 
@@ -418,9 +423,8 @@ def evaluate(model, module, loader, cfg, device, amp_ctx, master: bool) -> dict:
         pred_nt = out["no_target_logits"] > 0 if "no_target_logits" in out else None
         metrics.update(pred, masks > 0.5, batch["no_target"], pred_nt)
         add("val_loss", float(out["loss"]), len(images))
-        if hasattr(module, "diagnostics"):
-            for k, v in module.diagnostics(out, batch).items():
-                add(f"diag/{k}", float(v), len(images))
+        for k, v in module.diagnostics(out, batch).items():
+            add(f"diag/{k}", float(v), len(images))
 
         partner = torch.tensor(swap_partners(batch["image_id"]), device=device)
         keep = partner >= 0
@@ -564,14 +568,14 @@ def main(argv=None) -> None:
             cfg = dataclasses.replace(cfg, pretrained=False)
     row_name = None
     if args.row:  # a paper table row: its switches and overrides, then the user's flags on top
-        table, key, spec = find_row(getattr(module, "TABLES", {}), args.row)
+        table, key, spec = find_row(module.TABLES, args.row)
         if "skip" in spec:
             fail(f"{table} {key} is not built by {args.method}.py: {spec['skip']}")
         cfg = dataclasses.replace(cfg, **spec.get("set", {}))
         cfg = dataclasses.replace(
             cfg, ablate=tuple(dict.fromkeys(cfg.ablate + spec.get("ablate", ())))
         )
-        row_name = re.sub(r"[^A-Za-z0-9=.+-]+", "_", f"{table} {key.split()[0]}").strip("_")
+        row_name = slug(f"{table} {key.split()[0]}")
         if master:
             print(f"{table} {key}: {describe_row(spec)}")
     cfg = parse_overrides(cfg, args.set)

@@ -24,7 +24,6 @@ import argparse
 import importlib
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9=.+-]+", "_", text).strip("_")
+from train import row_flags, slug  # noqa: E402  (one spelling of a row's flags and folder)
 
 
 def run_one(method, table, row, seed, args) -> dict:
@@ -103,7 +100,7 @@ def main(argv=None) -> str:
     base_paper = rows[base_key].get("paper", {}).get(metric)
     for row, spec in rows.items():
         paper = spec.get("paper", {}).get(metric)
-        flags = train_flags(spec)
+        flags = row_flags(spec)
         cells = [row, flags, "-" if paper is None else f"{paper:.2f}"]
         if row not in results:
             cells += [f"not built: {spec['skip']}", "-", "-"] + ["-"] * len(diag_keys)
@@ -135,12 +132,6 @@ def main(argv=None) -> str:
     plot(rows, results, metric, ours_key, stat, title, stem.with_suffix(".png"))
     print(md)
     return md
-
-
-def train_flags(spec: dict) -> str:
-    parts = [f"--ablate {','.join(spec['ablate'])}"] if spec.get("ablate") else []
-    parts += [f"--set {k}={v}" for k, v in spec.get("set", {}).items()]
-    return " ".join(parts) or "(full model)"
 
 
 def plot(rows, results, metric, ours_key, stat, title, path) -> None:
