@@ -37,8 +37,8 @@ Symbols (paper -> code). Shapes: B batch, N_t = max_tokens words, C channels, HW
 Training recipe (§IV-A; `RECIPE`, used by `train.py --recipe paper`): Adam, lr 0.005 with a step
 decay, 50 epochs, batch 48 on 4 V100; loss w_mask BCE + w_rec LFR = 1 x BCE + 0.1 x MSE (Eq. 5).
 The paper gives one recipe for its CNN and Swin rows. The built-in demo does not use it: train.py's
-DEMO_RECIPE (AdamW 1e-3, pretrained encoders x0.1, poly decay, 100 warm-up steps, 3000 steps of
-batch 16, clip 1) fits a CPU budget, which 50 epochs of batch 48 do not.
+DEMO_RECIPE (AdamW 1e-3, encoders at this RECIPE's factor 1, poly decay, 100 warm-up steps, 3000
+steps of batch 16, clip 1) fits a CPU budget, which 50 epochs of batch 48 do not.
 
 Calibrated start. The last mask convolution starts with bias log(p / (1 - p)), p = Config.mask_prior
 (the training masks' foreground share, 3.2% on the synthetic shapes), so the first prediction is the

@@ -35,7 +35,7 @@ only ever means the mask embedding of Eq. 3 and P only ever means image features
 
 Training recipe (the paper gives only Eq. 15; the release says "follow LAVT", see RECIPE): AdamW,
 lr 5e-5 for everything, wd 0.01, poly 0.9, 40 epochs, batch 32, 480 px; ablations (Table 3) at
-224 px for 10 epochs. train.py's demo recipe gives the pretrained encoders 0.1x the lr.
+224 px for 10 epochs. train.py's demo recipe keeps this factor: encoders at the full lr.
 
 Paper tables as switches (TABLES below, `train.py --row "Table 3a +MG"`): every Table 3 row is the
 LAVT baseline (--ablate no_mg,no_cam,no_p2p,no_p2t) plus one component.
@@ -287,7 +287,7 @@ TABLES = {
 RECIPE = {
     "optimizer": "adamw",  # LAVT train.py
     "lr": 5e-5,  # LAVT args.py; MagNet args.py keeps the default
-    "encoder_lr_factor": 1.0,  # LAVT trains Swin, BERT and the new layers at one lr (the demo: 0.1)
+    "encoder_lr_factor": 1.0,  # LAVT trains Swin, BERT and the new layers at one lr (the demo too)
     "weight_decay": 0.01,  # LAVT args.py (0 on Swin norms / position tables: not reproduced)
     "schedule": "poly",  # LAVT train.py, per iteration
     "poly_power": 0.9,  # LAVT train.py

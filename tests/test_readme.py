@@ -4,6 +4,7 @@ blocks runs (shortened to a couple of steps), in order, in a scratch folder.
 Commands on real datasets cannot run offline: they must stop with one clear line (exit code 2).
 """
 
+import importlib
 import re
 import shlex
 import subprocess
@@ -55,3 +56,11 @@ def test_readme_commands_run(tmp_path):
             assert proc.stderr.strip().startswith("error:") and "\n" not in proc.stderr.strip()
         else:
             assert proc.returncode == 0, command + "\n" + proc.stderr[-3000:]
+
+
+def test_readme_table_commands_name_real_tables():
+    """The Assignments' bench_tables.py commands name a method and one of its TABLES."""
+    commands = re.findall(r"bench_tables\.py --method (\w+) --table \"([^\"]+)\"", README)
+    assert len({m for m, _ in commands}) == 5  # one headline table per paper at least
+    for method, table in commands:
+        assert table in importlib.import_module(method).TABLES, (method, table)

@@ -4,6 +4,7 @@ The end-to-end runs are subprocesses (what a user types); argument errors run in
 they are cheaper to check.
 """
 
+import importlib
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import rela
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +66,8 @@ def test_run_folder_has_every_output(rela_run):
     assert 0.0 <= metrics["val"]["text_swap_IoU"] <= 1.0 and "swap_mIoU" in metrics["val"]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["recipe"]["name"] == "demo" and config["recipe"]["total_steps"] == 6
+    # The demo fine-tunes the pretrained tiny encoders at the paper's own lr factor.
+    assert config["recipe"]["encoder_lr_factor"] == rela.RECIPE["encoder_lr_factor"]
 
 
 def test_resume_continues_exactly(rela_run, tmp_path):
@@ -119,6 +123,9 @@ def test_dry_run_every_other_method(method, tmp_path):
                 "--out", str(tmp_path), *FAST])  # fmt: skip
     metrics = json.loads((tmp_path / method / "metrics.json").read_text())
     assert metrics["step"] == 2 and (tmp_path / method / "samples.png").is_file()
+    recipe = json.loads((tmp_path / method / "config.json").read_text())["recipe"]
+    paper_factor = importlib.import_module(method).RECIPE["encoder_lr_factor"]
+    assert recipe["encoder_lr_factor"] == paper_factor  # ASDA 0.1, the others 1
 
 
 # ---------------------------------------------------------------------------------------------
