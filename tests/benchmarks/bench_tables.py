@@ -14,7 +14,8 @@ beside ours) and prints the table.
 
 Columns: the row and the flags that make it; the paper's number for the table's metric (the first
 metric of the baseline row's "paper" entry, e.g. oIoU); ours as mean ± std over seeds (%); the
-text-swap IoU (near 1 = the model ignores the expression); the method's diagnostics (means); and
+text-swap IoU (near 1 = the model ignores the expression); the method's diagnostics (means;
+--columns picks them); and
 "direction": whether our difference from the table's baseline row has the paper's sign and exceeds
 the seed spread (|Δ| > the std of the difference, sqrt(std_row² + std_base²)).
 """
@@ -73,6 +74,11 @@ def main(argv=None) -> str:
     g.add_argument("--steps", type=int, default=1500, help="training steps per run (default 1500)")
     g.add_argument("--budget", type=float, default=None, help="training seconds per run instead")
     p.add_argument("--val-samples", type=int, default=300, help="val expressions (default 300)")
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="diagnostics to show, comma-separated (default: all but per-group breakdowns)",
+    )
     p.add_argument("--out", default="runs/tables")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags")
     args = p.parse_args(argv)
@@ -98,7 +104,12 @@ def main(argv=None) -> str:
         values = [100 * r["val"][key] for r in results[row] if key in r["val"]]
         return mean_std([v for v in values if np.isfinite(v)])
 
+    # Diagnostics shown: --columns, or all but per-group breakdowns ("layer4/ordinal").
     diag_keys = sorted({k for runs in results.values() for k in runs[0]["val"] if "/" in k})
+    if args.columns:
+        diag_keys = [f"diag/{c}" for c in args.columns.split(",")]
+    else:
+        diag_keys = [k for k in diag_keys if k.count("/") == 1]
     head = ["row", "flags", f"paper {metric}", f"ours {metric}", "text-swap IoU", "direction"]
     lines = ["| " + " | ".join(head + [k.split("/", 1)[1] for k in diag_keys]) + " |"]
     lines.append("|---" * (len(head) + len(diag_keys)) + "|")
@@ -137,12 +148,15 @@ def main(argv=None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{args.method}_{slug(args.table)}"
     stem.with_suffix(".md").write_text(md)
-    plot(rows, results, metric, ours_key, stat, title, stem.with_suffix(".png"))
+    plot(rows, results, metric, ours_key, stat, title, stem.with_suffix(".png"), base_key)
     print(md)
     return md
 
 
-def plot(rows, results, metric, ours_key, stat, title, path) -> None:
+def plot(rows, results, metric, ours_key, stat, title, path, base_key) -> None:
+    """Left: the paper's number beside ours (mean ± std over seeds). Right: each row's difference
+    from the baseline row, the paper's beside ours (error bar: the spread the verdict uses), which
+    is what an ablation table claims, free of the two worlds' different scales."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,14 +165,29 @@ def plot(rows, results, metric, ours_key, stat, title, path) -> None:
     names = [r for r in rows if r in results]
     x = np.arange(len(names))
     ours = [stat(r, ours_key) for r in names]
-    paper = [rows[r].get("paper", {}).get(metric, np.nan) for r in names]
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.6))
+    paper = np.array([rows[r].get("paper", {}).get(metric, np.nan) for r in names], dtype=float)
+    labels = [r if len(r) < 18 else r[:17] + "…" for r in names]
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 * len(names) + 3, 3.8))
+    ax = axes[0]
     ax.bar(x - 0.2, paper, 0.4, label=f"paper {metric}", color="0.7")
     ax.bar(x + 0.2, [m for m, _ in ours], 0.4, yerr=[s for _, s in ours], capsize=3,
            label=f"ours {ours_key} (built-in world)")  # fmt: skip
-    ax.set_xticks(x, [r if len(r) < 18 else r[:17] + "…" for r in names], rotation=20, ha="right")
-    ax.set(ylabel="%", title=title if len(title) < 70 else title[:69] + "…")
+    ax.set(ylabel="%", title="value")
     ax.legend(fontsize=8)
+    ax = axes[1]
+    if base_key in results:
+        b = names.index(base_key)
+        bm, bs = ours[b]
+        delta = [m - bm for m, _ in ours]
+        spread = [float(np.hypot(s, bs)) if i != b else 0.0 for i, (_, s) in enumerate(ours)]
+        ax.bar(x - 0.2, paper - paper[b], 0.4, label="paper", color="0.7")
+        ax.bar(x + 0.2, delta, 0.4, yerr=spread, capsize=3, label="ours")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.legend(fontsize=8)
+    ax.set(ylabel="points", title="difference from the baseline row")
+    for ax in axes:
+        ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
