@@ -12,12 +12,12 @@ an interrupted table continues where it stopped (delete the run folder to redo a
 <out>/<method>_<table>.md (the markdown table) and .png (bars with error bars, the paper's numbers
 beside ours) and prints the table.
 
-Columns: the row and the flags that make it; the paper's number for the table's metric (the first
-metric of the baseline row's "paper" entry, e.g. oIoU); ours as mean ± std over seeds (%); the
-text-swap IoU (near 1 = the model ignores the expression); the method's diagnostics (means;
---columns picks them); and
-"direction": whether our difference from the table's baseline row has the paper's sign and exceeds
-the seed spread (|Δ| > the std of the difference, sqrt(std_row² + std_base²)).
+Columns: the row and the flags that make it; the paper's number for the table's metric (--metric,
+by default the first metric of the baseline row's "paper" entry, e.g. oIoU); ours as mean ± std
+over seeds (%); the text-swap IoU (near 1 = the model ignores the expression); the method's
+diagnostics (means; --columns picks them); and "direction": whether our difference from the
+table's baseline row has the paper's sign and exceeds the seed spread (|Δ| > the std of the
+difference, sqrt(std_row² + std_base²)).
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ def main(argv=None) -> str:
     g.add_argument("--budget", type=float, default=None, help="training seconds per run instead")
     p.add_argument("--val-samples", type=int, default=300, help="val expressions (default 300)")
     p.add_argument(
+        "--metric",
+        default=None,
+        help="the paper's metric to compare, e.g. gIoU (default: the "
+        "first one the baseline row reports)",
+    )
+    p.add_argument(
         "--columns",
         default=None,
         help="diagnostics to show, comma-separated (default: all but per-group breakdowns)",
@@ -91,7 +97,7 @@ def main(argv=None) -> str:
         wanted = [r.strip() for r in args.rows.split(",")]
         rows = {k: v for k, v in rows.items() if k.split()[0] in wanted}
     base_key = next((k for k, v in rows.items() if v.get("baseline")), next(iter(rows)))
-    metric = next(iter(rows[base_key].get("paper", {"mIoU": None})))
+    metric = args.metric or next(iter(rows[base_key].get("paper", {"mIoU": None})))
     ours_key = {"gIoU": "mIoU", "cIoU": "oIoU"}.get(metric, metric)
 
     results = {}
@@ -116,7 +122,7 @@ def main(argv=None) -> str:
     base_paper = rows[base_key].get("paper", {}).get(metric)
     for row, spec in rows.items():
         paper = spec.get("paper", {}).get(metric)
-        flags = row_flags(spec)
+        flags = "-" if "skip" in spec else row_flags(spec)
         cells = [row, flags, "-" if paper is None else f"{paper:.2f}"]
         if row not in results:
             cells += [f"not built: {spec['skip']}", "-", "-"] + ["-"] * len(diag_keys)
