@@ -89,6 +89,13 @@ Known gap of the demo (issue 12): the grounding predictor learns the text prior 
 look at the mask (same accuracy with another sample's image and mask after 500 steps). On a toy
 task (hidden word = colour of the cell under M) the two-hop route M -> image token -> word stays
 at chance for 400 steps, while the Table 3b "average" input (one hop) is learnt in 200.
+The skeleton is the larger gap: in the 3000-step demo the full model reaches mIoU 0.238, and the
+LAVT baseline row (no MG, CAM, CAL) only 0.282, both below the text-blind "segment every object"
+(0.296), while M3Dec reaches 0.440 with the same tiny Swin + BERT. Its masks are blobs inside
+one or two candidate objects; a lower threshold helps little (0.224 / 0.255 / 0.275 mIoU at
+0.5 / 0.3 / 0.1 on 300 val expressions, Prec@0.5 about 0.1), so it picks the wrong object more
+than it under-segments. Suspects, unmeasured: the text-free one-query mask head, the one BERT
+layer per stage.
 
 Reference code: https://github.com/yxchng/mask-grounding (eval only), https://github.com/yz93/LAVT-RIS
 """
