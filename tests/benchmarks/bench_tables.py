@@ -97,8 +97,8 @@ def main(argv=None) -> str:
         wanted = [r.strip() for r in args.rows.split(",")]
         rows = {k: v for k, v in rows.items() if k.split()[0] in wanted}
     base_key = next((k for k, v in rows.items() if v.get("baseline")), next(iter(rows)))
+    # Our metrics.json logs every metric the papers print (gIoU and cIoU too), under their names.
     metric = args.metric or next(iter(rows[base_key].get("paper", {"mIoU": None})))
-    ours_key = {"gIoU": "mIoU", "cIoU": "oIoU"}.get(metric, metric)  # same numbers, always logged
 
     results = {}
     for row, spec in rows.items():
@@ -111,11 +111,11 @@ def main(argv=None) -> str:
         return mean_std([v for v in values if np.isfinite(v)])
 
     # Diagnostics shown: --columns, or all but per-group breakdowns ("layer4/ordinal").
-    diag_keys = sorted({k for runs in results.values() for k in runs[0]["val"] if "/" in k})
     if args.columns:
         diag_keys = [f"diag/{c}" for c in args.columns.split(",")]
     else:
-        diag_keys = [k for k in diag_keys if k.count("/") == 1]
+        logged = {k for runs in results.values() for k in runs[0]["val"]}
+        diag_keys = sorted(k for k in logged if k.count("/") == 1)
     head = ["row", "flags", f"paper {metric}", f"ours {metric}", "text-swap IoU", "direction"]
     lines = ["| " + " | ".join(head + [k.split("/", 1)[1] for k in diag_keys]) + " |"]
     lines.append("|---" * (len(head) + len(diag_keys)) + "|")
@@ -128,7 +128,7 @@ def main(argv=None) -> str:
             cells += [f"not built: {spec['skip']}", "-", "-"] + ["-"] * len(diag_keys)
             lines.append("| " + " | ".join(cells) + " |")
             continue
-        m, s = stat(row, ours_key)
+        m, s = stat(row, metric)
         swap = stat(row, "text_swap_IoU")
         cells += [f"{m:.1f} ± {s:.1f}", f"{swap[0] / 100:.2f}"]
         if row == base_key or base_key not in results:
@@ -136,7 +136,7 @@ def main(argv=None) -> str:
         elif paper is None or base_paper is None:
             cells.append("no paper number")
         else:
-            bm, bs = stat(base_key, ours_key)
+            bm, bs = stat(base_key, metric)
             delta, paper_delta, spread = m - bm, paper - base_paper, float(np.hypot(s, bs))
             same_sign = np.sign(delta) == np.sign(paper_delta)
             verdict = "yes" if same_sign and abs(delta) > spread else "no"
@@ -154,12 +154,12 @@ def main(argv=None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{args.method}_{slug(args.table)}"
     stem.with_suffix(".md").write_text(md)
-    plot(rows, results, metric, ours_key, stat, title, stem.with_suffix(".png"), base_key)
+    plot(rows, results, metric, stat, title, stem.with_suffix(".png"), base_key)
     print(md)
     return md
 
 
-def plot(rows, results, metric, ours_key, stat, title, path, base_key) -> None:
+def plot(rows, results, metric, stat, title, path, base_key) -> None:
     """Left: the paper's number beside ours (mean ± std over seeds). Right: each row's difference
     from the baseline row, the paper's beside ours (error bar: the spread the verdict uses), which
     is what an ablation table claims, free of the two worlds' different scales."""
@@ -170,14 +170,14 @@ def plot(rows, results, metric, ours_key, stat, title, path, base_key) -> None:
 
     names = [r for r in rows if r in results]
     x = np.arange(len(names))
-    ours = [stat(r, ours_key) for r in names]
+    ours = [stat(r, metric) for r in names]
     paper = np.array([rows[r].get("paper", {}).get(metric, np.nan) for r in names], dtype=float)
     labels = [r if len(r) < 18 else r[:17] + "…" for r in names]
     fig, axes = plt.subplots(1, 2, figsize=(2.2 * len(names) + 3, 3.8))
     ax = axes[0]
     ax.bar(x - 0.2, paper, 0.4, label=f"paper {metric}", color="0.7")
     ax.bar(x + 0.2, [m for m, _ in ours], 0.4, yerr=[s for _, s in ours], capsize=3,
-           label=f"ours {ours_key} (built-in world)")  # fmt: skip
+           label=f"ours {metric} (built-in world)")  # fmt: skip
     ax.set(ylabel="%", title="value")
     ax.legend(fontsize=8)
     ax = axes[1]
