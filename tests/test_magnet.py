@@ -397,6 +397,24 @@ def test_cal_warmup_ramps_the_weight():
     assert int(model.step) == 6 and "step" in model.state_dict()  # resumes with the weights
 
 
+def test_segmentation_loss_sees_the_full_resolution_mask():
+    """A 2x2-pixel object between the stride-4 sampling points vanishes from a GT shrunk by
+    nearest neighbour; the loss on upsampled logits still sees it (LAVT, Mask2Former)."""
+    model = tiny_model()
+    S = model.cfg.image_size
+    logits = torch.full((1, 1, S // 4, S // 4), -3.0)  # "no object anywhere"
+    empty = torch.zeros(1, S, S)
+    small = empty.clone()
+    small[0, 1:3, 1:3] = 1  # nearest 64 -> 16 reads rows / columns 0, 4, 8, ...
+    assert magnet.common.fit_target(small, logits).sum() == 0  # what a shrunk GT would see
+    with_obj, without = (
+        model.segmentation_loss(logits, small),
+        model.segmentation_loss(logits, empty),
+    )
+    assert with_obj["bce"] > without["bce"]  # the missed pixels cost
+    assert not torch.isclose(with_obj["dice"], without["dice"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole model
 
