@@ -89,14 +89,16 @@ Known gap of the demo (issue 12): the grounding predictor learns the text prior 
 look at the mask (same accuracy with another sample's image and mask after 500 steps). On a toy
 task (hidden word = colour of the cell under M) the two-hop route M -> image token -> word stays
 at chance for 400 steps, while the Table 3b "average" input (one hop) is learnt in 200.
-The skeleton is the larger gap: in the 3000-step demo the full model reaches mIoU 0.238, and the
-LAVT baseline row (no MG, CAM, CAL) only 0.282, both below the text-blind "segment every object"
-(0.296), while M3Dec reaches 0.440 with the same tiny Swin + BERT. Its masks are blobs inside
-one or two candidate objects; a lower threshold helps little (0.224 / 0.255 / 0.275 mIoU at
-0.5 / 0.3 / 0.1 on 300 val expressions, Prec@0.5 about 0.1), so it picks the wrong object more
-than it under-segments. Ruled out on the LAVT row (one seed each): a plain 1x1 conv mask head
-(mIoU 0.225 vs 0.256 at 1000 steps), decoder width 64 (0.279 vs 0.282 at 3000), and LAVT's final
-BERT output in every stage instead of the interleaved layers (0.176, text-swap 0.64, at 3000).
+The skeleton's gap was the loss, found in this order (one seed each, 3000 steps): the LAVT row
+(no MG, CAM, CAL) plateaued at mIoU 0.282, below the text-blind "segment every object" (0.296),
+with Prec@0.7 0.018: blobs inside objects. A plain 1x1 conv mask head (0.225 vs 0.256 at 1000),
+decoder width 64 (0.279), LAVT's final BERT output in every stage (0.176) and the release's
+transformer pixel decoder + 3 query layers (0.279) did not help. The cause: BCE + Dice compared
+the stride-4 logits with a GT shrunk to 16 x 16 by nearest neighbour, which keeps one pixel in 16
+of an 8-17 px object; upsampled back, that GT itself scores IoU 0.57 against the real masks. With
+the loss on the upsampled logits (LAVT's and Mask2Former's way): LAVT row 0.446 (Prec@0.7 0.226),
+full model 0.437 (text-swap 0.32). Per expression type (300 val, LAVT row, old loss vs M3Dec):
+attribute 0.39 / 0.46, position 0.24 / 0.46, relation 0.20 / 0.57, ordinal 0.16 / 0.18.
 
 Reference code: https://github.com/yxchng/mask-grounding (eval only), https://github.com/yz93/LAVT-RIS
 """

@@ -3,7 +3,7 @@
     python tests/benchmarks/bench_train.py --budget 600          # all five, 10 min each
     python tests/benchmarks/bench_train.py --methods rela --budget 300
 
-    python tests/benchmarks/bench_train.py --steps 3000         # the default demo of each method
+    python tests/benchmarks/bench_train.py --steps 5000         # the default demo of each method
 
 Runs `train.py --method M --time-budget B` (or `--max-steps N`; rela on gshapes, the others on
 shapes: the defaults of train.py), then prints one markdown table with the validation metrics, the
