@@ -772,8 +772,7 @@ class CMMaskSD(nn.Module):
             return out
 
         masks = targets["masks"]  # (B, H, W); Loss_seg (Eq. 9) on M_seg upsampled to it
-        up = F.interpolate(M_seg, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        losses = {"seg": common.bce_loss(up, masks)}
+        losses = {"seg": common.bce_loss(common.upsample_to(M_seg, masks), masks)}
         # The teacher is the main branch's own prediction, without gradient (see docstring).
         teacher = M_seg.detach().sigmoid()
         if self.use_lmvsd:

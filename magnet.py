@@ -813,7 +813,7 @@ class MagNet(nn.Module):
         from the upsampled logits) compare with the full-resolution mask. A GT shrunk to the
         logits by nearest neighbour caps the 64 px demo: upsampled back, it scores IoU 0.57
         against the real masks (the LAVT row plateaued at mIoU 0.28; with this loss 0.45)."""
-        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        logits = common.upsample_to(logits, masks)  # (B, 1, H, W)
         return {"bce": common.bce_loss(logits, masks), "dice": common.dice_loss(logits, masks)}
 
     def alignment_loss(self, I, O, attention_mask, masks, logits, out) -> dict[str, torch.Tensor]:
