@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, SwinBackbone, SwinConfig
 
-from common import weighted_ce_loss
+from common import upsample_to, weighted_ce_loss
 
 TEXT_ENCODER = "bert"
 
@@ -774,7 +774,7 @@ class ReLA(nn.Module):
         """Released criterion: 5 (CE(M) + 0.1 CE(minimap) + 0.1 CE(no-target)), weights .9/1.1."""
         cfg = self.cfg
         gt = targets["masks"]  # (B, H, W)
-        M = F.interpolate(M, size=gt.shape[-2:], mode="bilinear", align_corners=False)
+        M = upsample_to(M, gt)  # (B, 1, H, W): the release upsamples to the GT
         two_class = torch.cat([torch.zeros_like(M), M], 1)  # (B, 2, H, W): CE = weighted BCE on M
         loss_mask = weighted_ce_loss(two_class, gt, cfg.class_weight)
         loss_minimap = weighted_ce_loss(
