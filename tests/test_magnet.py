@@ -253,7 +253,7 @@ def test_mask_centre():
 
 
 def test_mask_encoder_uses_gt_centre():
-    model = tiny_model().train()
+    model = tiny_model(mask_input="centre").train()
     calls = []
     model.grounding.mask_encoder.register_forward_hook(
         lambda m, inp, out: calls.append((inp[0].detach(), out.detach()))
@@ -267,6 +267,31 @@ def test_mask_encoder_uses_gt_centre():
     torch.testing.assert_close(in_a, magnet.mask_centre(targets["masks"]))
     torch.testing.assert_close(in_b, magnet.mask_centre(moved["masks"]))
     assert not torch.allclose(in_a, in_b) and not torch.allclose(c_a, c_b)
+    assert out_a["losses"]["grounding"] != out_b["losses"]["grounding"]
+
+
+def test_average_mask_input_pools_p_inside_the_gt_mask():
+    """Table 3b "Average" (the demo's input): C = MLP(mean of P's tokens under the GT mask), so
+    moving the mask moves C, and a mask inside one cell gives exactly that cell's feature."""
+    model = tiny_model(mask_input="average").train()
+    assert tiny_config().mask_input == "average"
+    calls = []
+    model.grounding.average_encoder.register_forward_hook(
+        lambda m, inp, out: calls.append((inp[0].detach(), out.detach()))
+    )
+    P_seen = []
+    model.grounding.image_proj.register_forward_hook(lambda m, inp, out: P_seen.append(out))
+    images, ids, am, targets = make_batch(model.cfg)
+    g, H = model.cfg.grounding_grid, targets["masks"].shape[-1]
+    cell = H // g
+    one_cell = torch.zeros_like(targets["masks"])
+    one_cell[:, cell * 2 : cell * 3, cell * 5 : cell * 6] = 1  # cell (row 2, column 5)
+    out_a = run(model, (images, ids, am, {**targets, "masks": one_cell}))
+    out_b = run(model, (images, ids, am, {**targets, "masks": one_cell.roll(cell, 1)}))
+    (avg_a, c_a), (avg_b, c_b) = calls
+    torch.testing.assert_close(avg_a, P_seen[0][:, 2 * g + 5])  # (B, D_g) the cell's token
+    torch.testing.assert_close(avg_b, P_seen[1][:, 3 * g + 5])  # one cell lower
+    assert not torch.allclose(c_a, c_b)
     assert out_a["losses"]["grounding"] != out_b["losses"]["grounding"]
 
 
@@ -290,7 +315,7 @@ def test_grounding_inputs_are_text_free_except_the_masked_text():
         out_b = model(images, swapped, am, targets)
     assert torch.equal(out_b["mg_selected"], hidden)
     own_a, own_b = seen[0], seen[2]  # [1], [3]: the pass with another sample's image and mask
-    assert len(own_a) == 6
+    assert len(own_a) == 5
     for a, b in zip(own_a, own_b, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # ... while the segmentation pass does read the changed word.
@@ -304,8 +329,8 @@ def test_grounding_context_switches():
     for name, changes in {
         "mlm": {"ablate": ("mlm_only",)},
         "none": {"mask_input": "none"},
-        "centre": {},
-        "average": {"mask_input": "average"},
+        "centre": {"mask_input": "centre"},
+        "average": {},
     }.items():
         model = tiny_model(**changes).eval()
         lengths = []
