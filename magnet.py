@@ -110,10 +110,11 @@ shape-presence accuracy 0.52-0.58). How the demo came to work, one seed each unl
   loss on the upsampled logits (LAVT's and Mask2Former's way): LAVT row 0.446 (Prec@0.7 0.226).
 - The grounding. With the tied vocabulary head and the Center input the predictor learnt the text
   prior only (default runs, seeds 0 / 1: mIoU 0.430 / 0.618, text-swap 0.347 / 0.215, grounding
-  gain 0.034 / 0.022; the runs that "clicked" did so late). Untied head + Average input: mIoU
-  0.653 / 0.574, text-swap 0.206 / 0.225, gain 0.044 / 0.056. Seed 0 jumped at step 2000 and
-  picks one candidate by position ("the circle at the bottom"); seed 1 jumped at step 4500 and
-  still half-marks the other candidate. The gain
+  gain 0.034 / 0.022; the runs that "clicked" did so late). Untied head + Average input, seeds
+  0 / 1 / 2: mIoU 0.653 / 0.574 / 0.652, text-swap 0.206 / 0.225 / 0.221, gain 0.044 / 0.056 /
+  0.048. Seeds 0 and 2 jumped at step 2000 (from ~0.43 to ~0.55) and pick one candidate by
+  position ("the circle at the bottom"); seed 1 jumped at step 4500 and still half-marks the
+  other candidate. The gain
   is noisy: about one word per expression is masked, so it rests on ~150 content words (0.044
   with train.py's eval batches of 16, 0.102 with batches of 50, which mask other words).
 
