@@ -95,12 +95,13 @@ We deviate on purpose (the 64 px demo, found by measurement; see tests and issue
   with another sample's: Center 15% / 8% (with Fourier features of the position 25% / 12%, with
   a pre-norm predictor 19% / 17%), Average 73% / 8%.
 What the demo's Mask Grounding grounds (issue 12). After a default run (5000 steps, seed 0), per
-masked word, right with the own image and mask / with another sample's: colour 72% / 13%, size
-51% / 15%, shape 8% / 8%, position 27% / 27%; a third of the masked words are "the" (right either
-way). Shape cannot be grounded from P here: the tiny Swin's text-free stage-1 features do not
-carry it (a linear probe on P averaged in the GT mask names the target's shape 21% of the time,
-chance 17%; its colour 89%), as its pretraining barely learnt shapes (pretrained/quality.json:
-shape-presence accuracy 0.52-0.58). How the demo came to work, one seed each unless said:
+masked word on 500 val expressions, right with the own image and mask / with another sample's:
+colour 83% / 9% (35 words), size 32% / 6% (31), shape 16% / 14% (77), position 21% / 26% (58);
+150 of the 500 hidden words are "the" (right either way). Shape cannot be grounded from P
+here: the tiny Swin's text-free stage-1 features do not carry it (a linear probe on P averaged in
+the GT mask names the target's shape 21% of the time, chance 17%; its colour 89%), as its
+pretraining barely learnt shapes (pretrained/quality.json: shape-presence accuracy 0.52-0.58).
+How the demo came to work, one seed each unless said:
 - The loss. The LAVT row (no MG, CAM, CAL) plateaued at mIoU 0.282 at 3000 steps, below the
   text-blind "segment every object" (0.296), with Prec@0.7 0.018: blobs inside objects. A 1x1
   mask head, decoder width 64, LAVT's final BERT output in every stage and the release's
@@ -111,12 +112,13 @@ shape-presence accuracy 0.52-0.58). How the demo came to work, one seed each unl
 - The grounding. With the tied vocabulary head and the Center input the predictor learnt the text
   prior only (default runs, seeds 0 / 1: mIoU 0.430 / 0.618, text-swap 0.347 / 0.215, grounding
   gain 0.034 / 0.022; the runs that "clicked" did so late). Untied head + Average input, seeds
-  0 / 1 / 2: mIoU 0.653 / 0.574 / 0.652, text-swap 0.206 / 0.225 / 0.221, gain 0.044 / 0.056 /
-  0.048. Seeds 0 and 2 jumped at step 2000 (from ~0.43 to ~0.55) and pick one candidate by
+  0 / 1 / 2: mIoU 0.653 / 0.574 / 0.652, text-swap 0.206 / 0.225 / 0.221, gain 0.058 / 0.052 /
+  0.050. Seeds 0 and 2 jumped at step 2000 (from ~0.43 to ~0.55) and pick one candidate by
   position ("the circle at the bottom"); seed 1 jumped at step 4500 and still half-marks the
   other candidate. The gain
-  is noisy: about one word per expression is masked, so it rests on ~150 content words (0.044
-  with train.py's eval batches of 16, 0.102 with batches of 50, which mask other words).
+  rests on about one hidden word per expression. When the eval words were drawn per batch, the
+  seed-0 checkpoint gave 0.044 in batches of 16 and 0.102 in batches of 50 (other words hidden);
+  now each sentence hides the same words in any batch (grounding_loss).
 
 Reference code: https://github.com/yxchng/mask-grounding (eval only), https://github.com/yz93/LAVT-RIS
 """
@@ -341,13 +343,14 @@ def mask_words(
     attention_mask: torch.Tensor,
     ratio: float,
     mask_token_id: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask(T) of Eq. (1): replace k = max(1, round(ratio * n)) of the n word tokens by [MASK].
 
     Words are the attended positions except [CLS] (position 0) and [SEP] (the last attended one).
     Returns the masked ids (B, L) and the boolean selection (B, L). A fixed `generator` (CPU) gives
-    the same words every call (used for the diagnostics in eval mode).
+    the same words every call; a list of them, one per sentence, gives each sentence the same words
+    in any batch (the diagnostics in eval mode).
     """
     B, L = input_ids.shape
     valid = attention_mask.bool()
@@ -357,7 +360,11 @@ def mask_words(
     n = words.sum(1)
     k = torch.where(n > 0, torch.floor(ratio * n + 0.5).clamp(min=1), torch.zeros_like(n))
     # A random score per word (padding/special get -1); rank the words, keep the k best.
-    score = torch.rand(B, L, generator=generator).to(input_ids.device).masked_fill(~words, -1.0)
+    if isinstance(generator, list):  # one per sentence: its words do not depend on the batch
+        score = torch.stack([torch.rand(L, generator=g) for g in generator])  # (B, L)
+    else:
+        score = torch.rand(B, L, generator=generator)
+    score = score.to(input_ids.device).masked_fill(~words, -1.0)
     rank = score.argsort(1, descending=True).argsort(1)  # (B, L) 0 = highest score
     selected = words & (rank < k[:, None])
     return input_ids.masked_fill(selected, mask_token_id), selected
@@ -860,14 +867,16 @@ class MagNet(nn.Module):
         """Mask Grounding (Eq. 1-4): cross-entropy of the hidden words, predicted from the masked
         text, the text-free image embedding P and the GT mask.
 
-        In eval mode the words are masked the same way every time (a generator seeded with the
-        batch's token count, which varies from batch to batch but not with the words), and the
-        predictor also runs with another sample's image and mask (the batch rolled by one): the
-        accuracy gap between the two ("mg_correct" vs "mg_correct_other") is the grounding."""
+        In eval mode each expression hides the same words every time, whatever batch it is in (a
+        generator per sentence, seeded with its tokens), and the predictor also runs with another
+        sample's image and mask (the batch rolled by one): the accuracy gap between the two
+        ("mg_correct" vs "mg_correct_other") is the grounding."""
         cfg = self.cfg
         gen = None
         if not self.training:
-            gen = torch.Generator().manual_seed(int(attention_mask.sum()))
+            position = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+            seeds = (input_ids * attention_mask * position).sum(1).tolist()  # (B,) ints
+            gen = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         masked_ids, selected = mask_words(
             input_ids, attention_mask, cfg.mask_ratio, cfg.mask_token_id, gen
         )

@@ -299,7 +299,9 @@ def test_grounding_inputs_are_text_free_except_the_masked_text():
     """Eq. (2): P = ImageEncoder(I). Changing only the hidden word (the word under [MASK]) must
     leave every input of the masked token predictor as it was: O sees [MASK], P and M see no text.
     (A P taken after any CAM would carry the unmasked word into the predictor.)"""
-    model = tiny_model().eval()
+    # Training mode with one torch seed: the same words are hidden in both runs (in eval mode
+    # the hidden words depend on the sentence's own tokens, so they would move).
+    model = tiny_model().train()
     batch = make_batch(model.cfg)
     images, ids, am, targets = batch
     seen = []
@@ -307,14 +309,13 @@ def test_grounding_inputs_are_text_free_except_the_masked_text():
         lambda m, inp, out: seen.append([t.detach().clone() for t in inp if torch.is_tensor(t)])
     )
     with torch.no_grad():
-        out = model(*batch)
-        hidden = out["mg_selected"]
+        out = run(model, batch)
+        hidden = seen[0][2]  # the `selected` input, (B, L) bool
         assert hidden.sum() > 0
         swapped = ids.clone()
         swapped[hidden] = torch.where(ids[hidden] == 5, 6, 5)  # another word, same position
-        out_b = model(images, swapped, am, targets)
-    assert torch.equal(out_b["mg_selected"], hidden)
-    own_a, own_b = seen[0], seen[2]  # [1], [3]: the pass with another sample's image and mask
+        out_b = run(model, (images, swapped, am, targets))
+    own_a, own_b = seen
     assert len(own_a) == 5
     for a, b in zip(own_a, own_b, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -370,6 +371,11 @@ def test_eval_forward_with_targets_reports_the_mechanism():
     torch.testing.assert_close(out["mask_logits"], plain["mask_logits"])  # targets change nothing
     # The eval masking is deterministic, and both grounding passes score the same words.
     assert torch.equal(out["mg_selected"], again["mg_selected"])
+    # ... and each sentence hides the same words alone as in the batch (the diagnostic does not
+    # depend on the eval batch size).
+    images, ids, am, targets = batch
+    alone = model(images[1:], ids[1:], am[1:], {k: v[1:] for k, v in targets.items()})
+    assert torch.equal(alone["mg_selected"][0], out["mg_selected"][1])
     assert (out["mg_selected"].sum(1) == 1).all()  # 4 and 7 words -> one masked word each
     n = int(out["mg_selected"].sum())
     assert out["mg_correct"].shape == out["mg_correct_other"].shape == (n,)
