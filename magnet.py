@@ -90,10 +90,10 @@ We deviate on purpose (the 64 px demo, found by measurement; see tests and issue
 - Predictor: 2 layers, 4 heads, D_g = 64 (paper 8 layers, Table 3c).
 - tiny() feeds the predictor Table 3b's "Average" mask input (paper() and the Table 3 MG rows keep
   the paper's "Center"). Center asks for two hops: [MASK] -> C's position -> the image token
-  there -> its colour. Probe: a trained model's encoders frozen, a fresh predictor trained 2000
-  steps, masked colour words on 500 val expressions, right with the sample's own image and mask /
-  with another sample's: Center 15% / 8% (with Fourier features of the position 25% / 12%, with
-  a pre-norm predictor 19% / 17%), Average 73% / 8%.
+  there -> its colour. Probe: a trained model's encoders frozen, a fresh predictor (untied head)
+  trained 2000 steps, masked colour words on 500 val expressions, right with the sample's own
+  image and mask / with another sample's: Center 15% / 8% (with Fourier features of the position
+  25% / 12%; with those and a pre-norm predictor 19% / 17%), Average 73% / 8%.
 What the demo's Mask Grounding grounds (issue 12). After a default run (5000 steps, seed 0), per
 masked word on 500 val expressions, right with the own image and mask / with another sample's:
 colour 83% / 9% (35 words), size 32% / 6% (31), shape 16% / 14% (77), position 21% / 26% (58);
@@ -115,10 +115,9 @@ How the demo came to work, one seed each unless said:
   0 / 1 / 2: mIoU 0.653 / 0.574 / 0.652, text-swap 0.206 / 0.225 / 0.221, gain 0.058 / 0.052 /
   0.050. Seeds 0 and 2 jumped at step 2000 (from ~0.43 to ~0.55) and pick one candidate by
   position ("the circle at the bottom"); seed 1 jumped at step 4500 and still half-marks the
-  other candidate. The gain
-  rests on about one hidden word per expression. When the eval words were drawn per batch, the
-  seed-0 checkpoint gave 0.044 in batches of 16 and 0.102 in batches of 50 (other words hidden);
-  now each sentence hides the same words in any batch (grounding_loss).
+  other candidate. The gain rests on about one hidden word per expression: when the eval words
+  were drawn per batch, the seed-0 checkpoint gave 0.044 in batches of 16 and 0.102 in batches of
+  50 (other words hidden); now each sentence hides the same words in any batch (grounding_loss).
 
 Reference code: https://github.com/yxchng/mask-grounding (eval only), https://github.com/yz93/LAVT-RIS
 """
