@@ -74,7 +74,7 @@ The release differs:
 - WCG: FFN 2048 there, ffn_dim (512) here; it attends to padded words (no key padding mask), we
   mask them; its words are ReLU(Linear(ln_final(text))), ours Linear(f_T).
 - Loss: it calls the focal loss with alpha = -1, gamma = 0, i.e. plain BCE
-  (`--set focal_alpha=-1 focal_gamma=0` reproduces it).
+  (`--set focal_alpha=-1 --set focal_gamma=0` reproduces it).
 - Recipe: lr 2.5e-5 x batch / 16 (4.4e-5 at 28), 32 epochs, x0.1 at 18 and 28, AMP.
 - Metric: per-sample IoU averaged (mIoU) at threshold 0.35; the paper's tables say "IoU"
   (overall IoU). Position embeddings: resized once (bilinear) into a new parameter; transformers
