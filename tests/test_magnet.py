@@ -316,6 +316,7 @@ def test_grounding_inputs_are_text_free_except_the_masked_text():
         swapped[hidden] = torch.where(ids[hidden] == 5, 6, 5)  # another word, same position
         out_b = run(model, (images, swapped, am, targets))
     own_a, own_b = seen
+    assert torch.equal(own_b[2], hidden)  # the same words hidden in both runs
     assert len(own_a) == 5
     for a, b in zip(own_a, own_b, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
