@@ -87,7 +87,9 @@ We deviate on purpose:
   and decode one mask (no coefficients); (b)/(c) fuse by CRIS's concatenation + projection.
 - The demo's tiny preset loads the shared pretrained tiny CLIP (pretrained/tiny-clip: 10 vision
   layers of width 64, 8x8 patches at 64 px, a 4-layer text tower): the paper's groups 4-6 / 7-9
-  and F_H = layer 10 fit; the aligner is 64 wide, sfa_dim 16, decoder 16, N_c = 8.
+  and F_H = layer 10 fit; the aligner is 64 wide, N_c = 8. The laterals keep the paper's 32
+  channels and the CFS decoder is dim / 2 wide (the release's 512 // 2). At 16 and 16 the default
+  run scored mIoU 43.8 / 43.7 / 43.9 (seeds 0-2), at 32 and 32 44.9 / 43.9 / 44.6 (5000 steps).
 """
 
 from __future__ import annotations
@@ -327,11 +329,11 @@ class Config:
                 max_position_embeddings=32,
                 projection_dim=64,
             ),
-            sfa_dim=16,
+            sfa_dim=32,  # the paper's 32-channel laterals
             dim=64,
             num_heads=4,
             ffn_dim=128,
-            decoder_dim=16,
+            decoder_dim=32,  # dim / 2, as the release's 512 // 2
             N_c=8,
             coef_grid=4,  # the 8x8 patch grid pooled to 4x4 cells
             dropout=0.0,
