@@ -68,7 +68,8 @@ The release differs:
   The paper writes one Φ_lateral for F~_M and F_G; here, as in the release, each has its own.
 - Conv blocks are Conv-BN-LeakyReLU(0.1) there; Conv-BN-ReLU here (paper: "Convolution-ReLU").
 - CFS decoder: two 3x3 ConvBN at 26x26 before the three up-sampling blocks, a 3x3 final conv and
-  a ReLU on M'; we follow Eq. 7 (three (x2 up, 3x3 conv), a 1x1 conv, a sigmoid on M').
+  a ReLU on M' (`--set response_act=relu`); we follow Eq. 7 (three (x2 up, 3x3 conv), a 1x1
+  conv, a sigmoid on M').
 - Local Visual Attention and WCG are post-norm there (so F_A leaves a LayerNorm); here pre-norm
   as Eq. 6 and 8 write it, with a LayerNorm also before each MLP and no final LayerNorm.
 - WCG: FFN 2048 there, ffn_dim (512) here; it attends to padded words (no key padding mask), we
@@ -91,6 +92,22 @@ We deviate on purpose:
   channels and the CFS decoder is dim / 2 wide (the release's 512 // 2). At 16 and 16 the default
   run scored mIoU 43.8 / 43.7 / 43.9 (seeds 0-2), at 32 and 32 44.9 / 43.9 / 44.6 (seeds 3-4:
   43.4 / 43.2; 5000 steps): a gain within the seed spread, kept because it is the paper's width.
+
+What the demo's dual branch does (diagnostics(); default run, seed 0, 500 val expressions): nothing.
+Every coefficient is saturated (|f_coef| > 0.99 for 100%, the same in every sample), the 8 response
+masks are one map (mean |correlation| 0.99), and with WCG reading another sample's words the mask
+is the same (IoU 1.00). The sentence reaches the mask through f_E in F_G (and AFS) alone. Why: M'
+in (0, 1) and f_coef in (-1, 1) bound |M| by N_c, so confident logits need saturated tanh, and a
+saturated tanh passes no gradient back to WCG. What we tried (5000 steps, mIoU; this preset gives
+44.9 / 43.9 / 44.6 / 43.4 on seeds 0-3):
+- A learnable bias on M, started at logit(0.03). At init M is ~0 (p = 0.46 on 3% foreground), so
+  the first focal gradient is 41x Dice's; with the bias, 0.7x. Mean |corr| stayed ~1: 7 of 8
+  coefficients still saturated and the masks became one map and its complement. mIoU 43.6 / 43.8
+  / 43.9 / 43.8.
+- The release's ReLU on M' (with that bias): 22-41% of coefficients saturated, masks less alike,
+  mIoU 43.9 / 43.5 (seeds 0, 1). WCG still adds nothing. Seed 0, 500 val expressions: mIoU 43.89
+  with its own coefficients, 43.95 with another sample's words, 43.76 with every coefficient at
+  its mean. M' already see the sentence through F_G, so the coefficients have nothing to choose.
 """
 
 from __future__ import annotations
@@ -286,6 +303,7 @@ class Config:
     decoder_dim: int = 256  # CFS decoder width (release: 512 // 2)
     N_c: int = 32  # response masks / coefficients (paper §4.2, Table 4)
     coef_grid: int = 26  # Φ_coef pools to coef_grid² cells + Linear (release: flatten 26x26)
+    response_act: str = "sigmoid"  # on M' (Eq. 7); "relu": the release's (and YOLACT's)
     dropout: float = 0.1  # release transformer dropout
     # --- loss (§3.4: "a linear combination of focal loss and dice loss") ---
     focal_alpha: float = 0.25  # Lin et al. defaults; release -1 (no balancing)
@@ -762,10 +780,21 @@ class ASDA(nn.Module):
             F_fine = self.word_attention(F_A, words, pad=attention_mask == 0)  # Eq. 8
             if self.dual_branch:
                 # Eq. 7: response masks M' from F_A (CFS branch); words never enter them
-                M_prime = self.decoder(tokens_to_map(F_A, H, W)).sigmoid()  # (B, N_c, 8H, 8W)
+                M_prime = self.decoder(tokens_to_map(F_A, H, W))  # (B, N_c, 8H, 8W)
+                M_prime = M_prime.relu() if cfg.response_act == "relu" else M_prime.sigmoid()
                 f_coef = self.coefficients(tokens_to_map(F_fine, H, W))  # Eq. 9, (B, N_c)
                 out["f_coef"], out["M_prime"] = f_coef, M_prime
                 out["mask_logits"] = combine_masks(f_coef, M_prime)  # Eq. 10, (B, 1, 8H, 8W)
+                if not self.training and targets is not None:
+                    # Diagnostics only: WCG reading the next sample's words (same F_A, same M').
+                    # If the mask does not change, the word branch does nothing.
+                    pad = (attention_mask == 0).roll(1, 0)
+                    F_swap = self.word_attention(F_A, words.roll(1, 0), pad=pad)
+                    f_swap = self.coefficients(tokens_to_map(F_swap, H, W))  # (B, N_c)
+                    mask = out["mask_logits"].sigmoid() > cfg.threshold  # (B, 1, 8H, 8W)
+                    mask_swap = combine_masks(f_swap, M_prime).sigmoid() > cfg.threshold
+                    out["f_coef_text_swap"] = f_swap
+                    out["wcg_swap_iou"] = common.mask_iou(mask, mask_swap)  # (B,)
             else:  # Table 2 row (e): single branch, the mask is decoded from the word-fused F_fine
                 out["mask_logits"] = self.decoder(tokens_to_map(F_fine, H, W))
 
@@ -793,6 +822,8 @@ def build_model(cfg: Config) -> nn.Module:
             "asda: 'no_intermediate' has no F_L, F_M: 'manual_layers', 'frozen_selector' and "
             "'no_sfa' are moot with it"
         )
+    if cfg.response_act not in ("sigmoid", "relu"):
+        raise ValueError(f"asda: response_act is 'sigmoid' or 'relu', not {cfg.response_act!r}")
     if cfg.selector not in SELECTORS:
         raise ValueError(f"unknown selector '{cfg.selector}' for asda; choose from {SELECTORS}")
     return ASDA(cfg)
@@ -817,7 +848,7 @@ def expression_kind(sentence: str) -> str:
 
 
 def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
-    """What AFS selects, on one eval batch (plain argmax, as at test time):
+    """What AFS selects and what WCG's coefficients do, on one eval batch (argmax, as at test):
 
     entropy_F_L, entropy_F_M   mean entropy of score_L / score_M per sample, in nats (ln 3 = 1.10
                                for three equal candidates; near 0 = saturated, no gradient left)
@@ -827,13 +858,40 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
                                batch has none of that kind): does the selection follow the text?
     text_swap_F_L, _F_M        share of the samples whose selected layer changes when their
                                sentence is replaced by the next sample's (same image)
-    Empty for Table 2 row (a), which has no F_L, F_M."""
+    coef_saturated             share of the coefficients with |f_coef| > 0.99: tanh passes no
+                               gradient there, so that part of WCG has stopped learning
+    coef_spread                std of each coefficient across the batch, mean over the N_c
+    coef_text_swap             mean |f_coef - f_coef with the next sample's words| (same F_A)
+    wcg_swap_IoU               IoU between the mask and the mask whose coefficients WCG computed
+                               from the next sample's words (same M'): 1 = WCG's words do nothing
+    response_corr              mean |Pearson correlation| between two response masks M'_k, M'_l
+                               of a sample: 1 = the N_c masks are one map (and its complement),
+                               so no choice of coefficients can pick one object over another
+    Row (a) has no AFS entries; rows without the dual branch have no coef_ / response_ entries."""
+    result = {}
+    f_coef = outputs.get("f_coef")
+    if f_coef is not None:
+        f_coef = f_coef.float().cpu()
+        result["coef_saturated"] = float((f_coef.abs() > 0.99).float().mean())
+        result["coef_spread"] = float(f_coef.std(0).mean()) if len(f_coef) > 1 else math.nan
+        if "f_coef_text_swap" in outputs:
+            swap = outputs["f_coef_text_swap"].float().cpu()
+            result["coef_text_swap"] = float((swap - f_coef).abs().mean())
+    if "wcg_swap_iou" in outputs:
+        result["wcg_swap_IoU"] = float(outputs["wcg_swap_iou"].float().mean())
+    if "M_prime" in outputs and outputs["M_prime"].shape[1] > 1:
+        M = outputs["M_prime"].float().flatten(2)  # (B, N_c, h*w)
+        M = M - M.mean(-1, keepdim=True)
+        M = M / M.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        corr = (M @ M.transpose(1, 2)).abs()  # (B, N_c, N_c)
+        N_c = corr.shape[-1]
+        off = ~torch.eye(N_c, dtype=torch.bool)
+        result["response_corr"] = float(corr[:, off].mean())
     if "selected_layers" not in outputs:
-        return {}
+        return result
     selected = outputs["selected_layers"].cpu()  # (B, 2)
     candidates = outputs["candidate_layers"].cpu()  # (2, k)
     kinds = np.array([expression_kind(s) for s in batch["sentence"]])
-    result = {}
     probs = outputs.get("selection_probs")  # (B, 2, k) or None
     swapped = outputs.get("selected_layers_text_swap")  # (B, 2) or None
     for g, name in enumerate(("F_L", "F_M")):

@@ -86,6 +86,14 @@ def sigmoid_focal_loss(
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of two batches of binary masks (B, ...) -> (B,); two empty masks agree: 1."""
+    a, b = a.flatten(1), b.flatten(1)
+    inter, union = (a & b).sum(1).double(), (a | b).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 

@@ -166,13 +166,6 @@ def swap_partners(image_ids: list[int]) -> list[int]:
     return partners
 
 
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of two batches of binary masks (B, H, W) -> (B,); two empty masks agree: 1."""
-    a, b = a.flatten(1), b.flatten(1)
-    inter, union = (a & b).sum(1).double(), (a | b).sum(1).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -436,7 +429,7 @@ def evaluate(model, module, loader, cfg, device, amp_ctx, master: bool) -> dict:
                 out_s = model(images[keep], ids[j], am[j])
             own = binary_mask(out["mask_logits"][keep], masks.shape[-2:], cfg.threshold)
             other = binary_mask(out_s["mask_logits"], masks.shape[-2:], cfg.threshold)
-            add("text_swap_IoU", mask_iou(own, other).mean().item(), int(keep.sum()))
+            add("text_swap_IoU", common.mask_iou(own, other).mean().item(), int(keep.sum()))
             nt_s = out_s["no_target_logits"] > 0 if "no_target_logits" in out_s else None
             raw_s = out_s.get("mask_logits_raw", out_s["mask_logits"])
             raw_s = binary_mask(raw_s, masks.shape[-2:], cfg.threshold)

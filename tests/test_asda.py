@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import asda
+import common
 import data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,6 +393,19 @@ def test_diagnostics_on_a_hand_made_batch():
                          {"sentence": sentences[:1]})  # fmt: skip
     assert d["layer4/attribute"] == 1.0 and math.isnan(d["layer4/relation"])
     assert asda.diagnostics({"mask_logits": torch.zeros(1, 1, 2, 2)}, {"sentence": ["x"]}) == {}
+    # WCG's coefficients: two samples, N_c = 2; one coefficient saturated in both samples.
+    coef = {"f_coef": torch.tensor([[1.0, 0.2], [-1.0, 0.4]]),
+            "f_coef_text_swap": torch.tensor([[1.0, 0.0], [-1.0, 0.4]])}  # fmt: skip
+    d = asda.diagnostics(coef, {"sentence": sentences[:2]})
+    assert d["coef_saturated"] == 0.5
+    assert d["coef_text_swap"] == pytest.approx(0.05)  # |0.2 - 0| / 4 entries
+    assert d["coef_spread"] == pytest.approx((math.sqrt(2) + 0.2 / math.sqrt(2)) / 2)
+    # Response masks: a map, its complement and an unrelated map -> |corr| 1, 0, 0.
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    M_prime = torch.stack([a, 1 - a, torch.tensor([[0.0, 1.0], [-1.0, 0.0]])])[None]
+    d = asda.diagnostics({"M_prime": M_prime, "wcg_swap_iou": torch.tensor([1.0, 0.5])}, {})
+    assert d["response_corr"] == pytest.approx((1 + 0 + 0) / 3, abs=1e-6)
+    assert d["wcg_swap_IoU"] == 0.75
 
 
 def test_diagnostics_from_a_model_forward():
@@ -414,6 +428,33 @@ def test_diagnostics_from_a_model_forward():
     assert sum(d[f"layer{l}"] for l in cfg.low_layers) == pytest.approx(1.0)
     assert sum(d[f"layer{l}"] for l in cfg.mid_layers) == pytest.approx(1.0)
     assert 0 <= d["entropy_F_L"] <= math.log(3) + 1e-6
+    # The coefficients with the next sample's words, on the same F_A.
+    assert out["f_coef_text_swap"].shape == out["f_coef"].shape
+    assert 0 <= d["coef_saturated"] <= 1 and d["coef_text_swap"] >= 0
+    assert "f_coef_text_swap" not in model(images, ids, am)
+    # WCG reading the next sample's words, on the same M': the mask it would give.
+    mask_swap = asda.combine_masks(out["f_coef_text_swap"], out["M_prime"]).sigmoid()
+    mask = out["mask_logits"].sigmoid()
+    want = common.mask_iou(mask > cfg.threshold, mask_swap > cfg.threshold)
+    assert torch.allclose(out["wcg_swap_iou"], want)
+    assert 0 <= d["wcg_swap_IoU"] <= 1 and 0 <= d["response_corr"] <= 1 + 1e-6
+
+
+def test_response_act_reproduces_the_release():
+    """response_act="relu" is the release's ReLU on M' (unbounded); the paper's sigmoid is
+    the default; anything else is refused."""
+    cfg = tiny()
+    images, ids, am, targets = make_batch(cfg, B=2)
+    model = build(cfg).eval()
+    relu = build(dataclasses.replace(cfg, response_act="relu")).eval()
+    with torch.no_grad():
+        out, out_relu = model(images, ids, am), relu(images, ids, am)
+    assert 0 < out["M_prime"].min() and out["M_prime"].max() < 1
+    # Same weights (same seed): the release's M' is the ReLU of what the paper's sigmoid reads.
+    assert torch.allclose(out_relu["M_prime"], torch.logit(out["M_prime"]).relu(), atol=1e-4)
+    assert out_relu["M_prime"].min() == 0
+    with pytest.raises(ValueError, match="response_act"):
+        build(dataclasses.replace(cfg, response_act="softmax"))
 
 
 # ---------------------------------------------------------------------------------------------
