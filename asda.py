@@ -108,6 +108,8 @@ saturated tanh passes no gradient back to WCG. What we tried (5000 steps, mIoU; 
   mIoU 43.9 / 43.5 (seeds 0, 1). WCG still adds nothing. Seed 0, 500 val expressions: mIoU 43.89
   with its own coefficients, 43.95 with another sample's words, 43.76 with every coefficient at
   its mean. M' already see the sentence through F_G, so the coefficients have nothing to choose.
+- The paper's N_c = 32 (`--set N_c=32`, seed 0): 19% saturated, mean |corr| 0.81, WCG swap IoU
+  0.988; mIoU 43.8: 43.79 own, 43.71 with another sample's words, 43.63 at the mean.
 """
 
 from __future__ import annotations
