@@ -110,6 +110,9 @@ saturated tanh passes no gradient back to WCG. What we tried (5000 steps, mIoU; 
   its mean. M' already see the sentence through F_G, so the coefficients have nothing to choose.
 - The paper's N_c = 32 (`--set N_c=32`, seed 0): 19% saturated, mean |corr| 0.81, WCG swap IoU
   0.988; mIoU 43.8: 43.79 own, 43.71 with another sample's words, 43.63 at the mean.
+- Both, the release's dual branch (ReLU, N_c = 32; seeds 0, 1): masks distinct (mean |corr|
+  0.41 / 0.37), 23-30% saturated, mIoU 43.9 / 43.5; WCG swap IoU 0.992, and seed 0 scores 43.89
+  with its own coefficients and with another sample's words alike.
 """
 
 from __future__ import annotations
