@@ -94,6 +94,9 @@ We deviate on purpose (the 64 px demo, found by measurement; see tests and issue
   trained 2000 steps, masked colour words on 500 val expressions, right with the sample's own
   image and mask / with another sample's: Center 15% / 8% (with Fourier features of the position
   25% / 12%; with those and a pre-norm predictor 19% / 17%), Average 73% / 8%.
+  Both summed into one C (the centre's embedding + the average's; default runs, 5000 steps,
+  seeds 0 / 1): mIoU 0.627 / 0.655, grounding gain 0.038 / 0.080; position words right 33% of
+  the time with the own mask, 28% with another's (seed 1): the centre barely helps. Not kept.
 What the demo's Mask Grounding grounds (issue 12). After a default run (5000 steps, seed 0), per
 masked word on 500 val expressions, right with the own image and mask / with another sample's:
 colour 83% / 9% (35 words), size 32% / 6% (31), shape 16% / 14% (77), position 21% / 26% (58);
@@ -101,6 +104,9 @@ colour 83% / 9% (35 words), size 32% / 6% (31), shape 16% / 14% (77), position 2
 here: the tiny Swin's text-free stage-1 features do not carry it (a linear probe on P averaged in
 the GT mask names the target's shape 21% of the time, chance 17%; its colour 89%), as its
 pretraining barely learnt shapes (pretrained/quality.json: shape-presence accuracy 0.52-0.58).
+A deeper text-free P would not help: after the default run, the same probe on the Swin stages
+run without any CAM names the shape 19% / 24% / 20% of the time (stages 2-4), and the tiny Swin
+does not learn shapes even when pretrained to name each object's shape (pretrain.py).
 How the demo came to work, one seed each unless said:
 - The loss. The LAVT row (no MG, CAM, CAL) plateaued at mIoU 0.282 at 3000 steps, below the
   text-blind "segment every object" (0.296), with Prec@0.7 0.018: blobs inside objects. A 1x1
