@@ -89,7 +89,7 @@ We deviate on purpose (the 64 px demo, found by measurement; see tests and issue
 - The mask head starts at p = mask_prior (tiny 0.03, the demo's foreground share), not 0.5.
 - Predictor: 2 layers, 4 heads, D_g = 64 (paper 8 layers, Table 3c). Deeper did not ground more
   (default run, seed 0, 5000 steps): 4 layers mIoU 0.534, grounding gain 0.064; 8 layers 0.617,
-  0.058 (2 layers: 0.653, 0.044 in the same log).
+  0.058 (2 layers, the default's seed-0 run: 0.653, 0.044, its own step-5000 log line).
 - tiny() feeds the predictor Table 3b's "Average" mask input (paper() and the Table 3 MG rows keep
   the paper's "Center"). Center asks for two hops: [MASK] -> C's position -> the image token
   there -> its colour. Probe: a trained model's encoders frozen, a fresh predictor (untied head)
