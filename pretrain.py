@@ -106,7 +106,9 @@ class Recipe:
 # either: with an extra loss naming every object's shape, colour and size from its mask-pooled
 # features at each of the four stages, a fresh linear probe on those features named the shape of
 # 500 val scenes' objects 21-23% of the time (chance 17%; colour 99%) after 300 steps, 22-23%
-# after 900, 21-22% at lr 3e-3, 20-24% with patch 2, 20-23% with window 8. A small CNN with the
+# after 900, 21-22% at lr 3e-3, 20-24% with patch 2, 20-23% with window 8, 20-22% with four
+# times the heads (width 8) or with absolute position embeddings, 26-29% with every object drawn
+# ~1.7x larger (a world the demo does not use). A small CNN with the
 # same stage sizes and losses reached 76% at stage 2 in 300 steps: the shapes are learnable,
 # the tiny Swin does not learn them in this budget, not even when it also regresses that CNN's
 # stage features (DeiT-style distillation from a CNN teacher, 300 steps: 21-22%).
