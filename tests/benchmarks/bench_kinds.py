@@ -2,15 +2,16 @@
 
     python tests/benchmarks/bench_kinds.py runs/magnet runs/m3dec runs/asda runs/cm_masksd runs/rela
 
-Each argument is a train.py run directory (its best.pt) or a checkpoint; the method, dataset and
-Config come from the checkpoint. The val expressions of the built-in world are grouped by the
+Each argument is a train.py run directory (its last.pt: the final model, the one metrics.json and
+the README's results describe) or a checkpoint; the method, dataset and Config come from the
+checkpoint. The val expressions of the built-in world are grouped by the
 kind the generator built (data.py's meanings): attribute ("the large red circle"), position
 ("the leftmost X", "the X at the top": the first along a direction), ordinal ("the second X from
 the left"), relation ("the X left of the blue square"), and on gshapes also all, count, except,
 and, none. Each run's mIoU per kind is printed next to the text-blind "segment every object" on
 the same expressions: a kind where a model sits near that rule is a kind it does not read.
 One markdown table per dataset; the numbers are per-sample IoU (gIoU's rule for no-target
-samples, through common.RISMetrics), so "all" is train.py's mIoU / gIoU on the same val set.
+samples, through common.RISMetrics), so "overall" is train.py's mIoU / gIoU on the same val set.
 """
 
 import argparse
@@ -43,7 +44,7 @@ def kind(scene: data.Scene) -> str:
 def by_kind(path: str, n: int, batch_size: int = 50) -> tuple[str, str, dict[str, list[float]]]:
     """-> (method, dataset, {kind: per-sample IoUs}) of one run on the first n val expressions."""
     path = Path(path)
-    path = path / "best.pt" if path.is_dir() else path
+    path = path / "last.pt" if path.is_dir() else path
     method = torch.load(path, map_location="cpu", weights_only=True)["method"]
     module = importlib.import_module(method)
     ckpt = train.load_checkpoint(str(path), method)
@@ -90,7 +91,7 @@ def table(rows: dict[str, dict[str, list[float]]]) -> str:
     kinds = [k for k in KINDS if any(k in r for r in rows.values())]
     first = next(iter(rows.values()))
     head = " | ".join(f"{k} ({len(first[k])})" for k in kinds)
-    lines = [f"| run | all | {head} |", "|---" * (len(kinds) + 2) + "|"]
+    lines = [f"| run | overall | {head} |", "|---" * (len(kinds) + 2) + "|"]
     for name, r in rows.items():
         every = [x for v in r.values() for x in v]
         cells = [f"{100 * sum(r[k]) / len(r[k]):.1f}" if r.get(k) else "-" for k in kinds]
@@ -101,7 +102,7 @@ def table(rows: dict[str, dict[str, list[float]]]) -> str:
 
 def main(argv=None) -> dict[str, str]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="train.py run directories (best.pt) or checkpoints")
+    p.add_argument("runs", nargs="+", help="train.py run directories (last.pt) or checkpoints")
     p.add_argument("--samples", type=int, default=500, help="val expressions (train.py: 500)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
