@@ -10,8 +10,12 @@ The objectives, with the real counterpart each one stands for:
 
 - tiny-swin (Swin on ImageNet: supervised image classification). Multi-label classification of
   which colours, shapes and sizes are present in a scene (14 labels, binary cross-entropy), at
-  64 px with ImageNet mean/std, as data.py prepares images for the Swin/BERT family. The model is a
-  `SwinForImageClassification`; its encoder runs with `always_partition=True`, the path
+  64 px with ImageNet mean/std, as data.py prepares images for the Swin/BERT family. Optionally
+  (`--swin-object-weight 1`, measured but not shipped, see RECIPES) a second term names every
+  object's size, colour and shape from its own features, mask-pooled at each of the four stages
+  (cross-entropy, one linear head per stage, not saved): an ImageNet image shows one object, a
+  scene here 2-6, so naming each object from its own region is the closer analog. The model is
+  a `SwinForImageClassification`; its encoder runs with `always_partition=True`, the path
   `SwinBackbone` takes downstream (shifted windows in every stage; transformers' `SwinModel`
   default path crashes on a last stage smaller than the window).
 - tiny-bert (BERT: masked-language modelling). 15% of the words of the world's expressions
@@ -81,6 +85,7 @@ import data
 ROOT = Path(__file__).resolve().parent
 IMAGE_SIZE = 64  # the demo's input size
 GRID = 8  # CLIP patches per side at 64 px (patch 8)
+SWIN_GRID = 16  # Swin patches per side at 64 px (patch 4): its stage-1 map
 BERT_TOKENS, CLIP_TOKENS = 20, 17  # max tokens of the two families (DESIGN.md §4)
 ATTRIBUTES = data.COLOUR_NAMES + data.SHAPES + tuple(data.SIZES)  # Swin's 14 labels
 POOL = 10000  # train scenes drawn from (the first half of the demo's train split)
@@ -95,23 +100,24 @@ class Recipe:
     lr: float
     weight_decay: float
     warmup: int  # linear warm-up steps, then cosine decay to 0
+    object_weight: float = 0.0  # Swin: weight of the per-object term (0: presence only)
 
 
 # Lengths set for a 2-core machine shared with other jobs (each part ~1-3 CPU-minutes). CLIP's
 # patch property saturates early (a 400-step trial: top-half share 0.90 at step 100, 0.985 at 200);
-# Swin knows colours and sizes at 300 steps, not shapes, and more steps do not fix that: in a
-# 1500-step run (the same recipe otherwise) its mean shape-presence accuracy went 0.575 at step
-# 300 -> 0.612 at 1500, colours 0.866 -> 0.996 (300 val scenes). MagNet's Mask Grounding pays
-# for it (magnet.py: shape words are not grounded). Asking for shapes directly does not help
-# either: with an extra loss naming every object's shape, colour and size from its mask-pooled
-# features at each of the four stages, a fresh linear probe on those features named the shape of
-# 500 val scenes' objects 21-23% of the time (chance 17%; colour 99%) after 300 steps, 22-23%
-# after 900, 21-22% at lr 3e-3, 20-24% with patch 2, 20-23% with window 8, 20-22% with four
-# times the heads (width 8) or with absolute position embeddings, 26-29% with every object drawn
-# ~1.7x larger (a world the demo does not use). A small CNN with the
-# same stage sizes and losses reached 76% at stage 2 in 300 steps: the shapes are learnable,
-# the tiny Swin does not learn them in this budget, not even when it also regresses that CNN's
-# stage features (DeiT-style distillation from a CNN teacher, 300 steps: 21-22%).
+# Swin knows colours and sizes at 300 steps, not shapes, and more steps of presence alone do not
+# fix that: in a 1500-step run its mean shape-presence accuracy went 0.575 at step 300 -> 0.612
+# at 1500, colours 0.866 -> 0.996 (300 val scenes); a fresh linear probe on the stage features
+# named an object's shape 20-22% of the time (chance 17%) even after 3000 steps. MagNet's Mask
+# Grounding pays for it (magnet.py: shape words are not grounded). The per-object term
+# (--swin-object-weight 1) does teach shapes, but only after a long plateau: its shape loss sits
+# at ln 6 = 1.79 for ~1000 steps (so 300- and 900-step trials of it, and of patch 2, window 8,
+# 4x heads, absolute positions, or distillation from a CNN, all stayed at 20-24%). Named by the
+# trained heads on 500 val scenes' objects, stages 1-4: 3000 steps at batch 32 (12 CPU-min)
+# 25/36/39/35%, 2000 at batch 64 (14 min) 23/32/37/33%, 4000 at batch 32 (16 min)
+# 29/47/52/44%, colours and sizes 88-100%. Not shipped yet: MagNet, M3Dec and ReLA read
+# tiny-swin, and MagNet's default run with the 3000-step one (seed 0) reached mIoU 0.632,
+# grounding gain 0.062 (shipped: 0.653, 0.044); the README's numbers would all have to be redone.
 RECIPES = {
     "swin": Recipe(steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup=30),
     "bert": Recipe(steps=600, batch_size=64, lr=1e-3, weight_decay=0.01, warmup=50),
@@ -181,6 +187,7 @@ class Sample:
     pixels: np.ndarray  # (64, 64, 3) uint8, the scene resized as data.prepare_image does
     objects: list[tuple[str, str, str]]  # (size, colour, shape) of each object
     cover: np.ndarray  # (n_objects, GRID * GRID) float32: share of each patch covered by object k
+    swin_cover: np.ndarray  # (n_objects, SWIN_GRID ** 2) float32: the same on Swin's 4 px patches
     sentence: str  # the scene's referring expression (read only by BERT and the evaluation)
     target: np.ndarray  # (GRID * GRID,) float32: share of each patch covered by the referent
     form: str  # the expression's form: "the" (attributes), "ordinal", "relation", ...
@@ -207,8 +214,11 @@ class World:
         onehot = (scene.labels[None] == ids).astype(np.float32)  # (n, CANVAS, CANVAS)
         cover = onehot.reshape(n, GRID, cell, GRID, cell).mean((2, 4)).reshape(n, GRID * GRID)
         target = cover[scene.targets].sum(0) if scene.targets else np.zeros(GRID * GRID, "f4")
+        cell = data.CANVAS // SWIN_GRID
+        swin_cover = onehot.reshape(n, SWIN_GRID, cell, SWIN_GRID, cell).mean((2, 4))
         return Sample(np.asarray(image), [o.attributes for o in scene.objects], cover,
-                      scene.sentence, target, scene.meaning[0])  # fmt: skip
+                      swin_cover.reshape(n, SWIN_GRID**2), scene.sentence, target,
+                      scene.meaning[0])  # fmt: skip
 
 
 def images(samples: list[Sample], family: str) -> torch.Tensor:
@@ -276,33 +286,128 @@ def presence(samples: list[Sample]) -> torch.Tensor:
     return labels
 
 
-def swin_logits(swin: SwinForImageClassification, pixel_values: torch.Tensor) -> torch.Tensor:
-    # always_partition: the shifted-window path SwinBackbone takes downstream (see docstring).
-    return swin(pixel_values=pixel_values, always_partition=True).logits  # (B, 14)
+# Each object's size, colour and shape, named from its mask-pooled features at every stage (the
+# stage maps the methods read through SwinBackbone). Scene-level presence alone teaches colours
+# and sizes, not shapes (a fresh linear probe on the stage features named an object's shape 21-23%
+# of the time, chance 17%, after 300 to 3000 steps): a scene always holds several shapes, so
+# "which shapes are present" can be guessed from counts and colours. Naming each object's shape
+# makes the shape the only answer; it still takes ~1000 steps before the shape loss leaves its
+# plateau (ln 6 = 1.79), which is why this part trains longest.
+GROUPS = (("size", tuple(data.SIZES)), ("colour", data.COLOUR_NAMES), ("shape", data.SHAPES))
+STAGE_DIMS = (32, 64, 128, 256)  # swin_config(): embed_dim * 2**stage
 
 
-def swin_step(swin, world: World, seed: int, step: int, batch_size: int) -> dict:
+class ObjectHeads(torch.nn.Module):
+    """One linear classifier per stage: pooled object feature -> size | colour | shape logits
+    (training only, not saved)."""
+
+    def __init__(self):
+        super().__init__()
+        classes = sum(len(names) for _, names in GROUPS)  # 2 + 6 + 6
+        self.stages = torch.nn.ModuleList(torch.nn.Linear(c, classes) for c in STAGE_DIMS)
+
+
+def build_head(part: str, seed: int, recipe: Recipe) -> torch.nn.Module | None:
+    """The part's training-only head (not saved): Swin's object classifiers, CLIP's dense scale."""
+    if part == "swin" and recipe.object_weight > 0:
+        torch.manual_seed(_seed(seed, part) + 1)  # not the encoder's own init stream
+        return ObjectHeads()
+    return DenseHead() if part == "clip" else None
+
+
+def swin_forward(swin: SwinForImageClassification, pixel_values: torch.Tensor):
+    # always_partition: the shifted-window path SwinBackbone takes downstream (see docstring);
+    # the stage maps before patch merging are the ones SwinBackbone returns.
+    out = swin(pixel_values=pixel_values, always_partition=True, output_hidden_states=True,
+               output_hidden_states_before_downsampling=True)  # fmt: skip
+    return out.logits, out.reshaped_hidden_states[1:]  # (B, 14), 4 x (B, C_s, H_s, W_s)
+
+
+def object_labels(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """owner (R,) image of each object, swin_cover (R, 256), labels (R, 3): size, colour, shape."""
+    owner = [b for b, s in enumerate(samples) for _ in s.objects]
+    cover = np.concatenate([s.swin_cover for s in samples])
+    labels = [[names.index(a) for a, (_, names) in zip(o, GROUPS, strict=True)]
+              for s in samples for o in s.objects]  # fmt: skip
+    return torch.tensor(owner), torch.from_numpy(cover), torch.tensor(labels)
+
+
+def pool_objects(fmap: torch.Tensor, owner: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """(R, C): each object's features on a stage map (B, C, H, W), averaged over the cells it
+    covers, weighted by how much of each cell it covers (its 4 px cover, area-pooled)."""
+    side = fmap.shape[-1]
+    grid = cover.view(-1, 1, SWIN_GRID, SWIN_GRID)
+    w = F.avg_pool2d(grid, SWIN_GRID // side).flatten(1)  # (R, H*W): covered share of each cell
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-6)
+    return torch.einsum("rn,rcn->rc", w, fmap[owner].flatten(2))  # (R, C)
+
+
+def object_logits(heads: ObjectHeads, stages, owner, cover) -> list[torch.Tensor]:
+    """Per stage (R, 14): each object's pooled stage feature through that stage's head."""
+    return [
+        head(pool_objects(f, owner, cover)) for head, f in zip(heads.stages, stages, strict=True)
+    ]
+
+
+def group_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Cross-entropy of size, colour and shape from (R, 14) logits."""
+    losses, start = [], 0
+    for g, (_, names) in enumerate(GROUPS):
+        losses.append(F.cross_entropy(logits[:, start : start + len(names)], labels[:, g]))
+        start += len(names)
+    return losses
+
+
+def swin_step(swin, heads, world: World, seed: int, step: int, batch_size: int,
+              object_weight: float) -> dict:  # fmt: skip
     rng = np.random.default_rng(_seed(seed, "swin", step))
     samples = [world[int(i)] for i in rng.integers(POOL, size=batch_size)]
-    logits = swin_logits(swin, images(samples, "bert"))
-    return {"loss": F.binary_cross_entropy_with_logits(logits, presence(samples))}
+    logits, stages = swin_forward(swin, images(samples, "bert"))
+    presence_ = F.binary_cross_entropy_with_logits(logits, presence(samples))
+    if heads is None:
+        return {"loss": presence_}
+    owner, cover, labels = object_labels(samples)
+    per_stage = [group_losses(x, labels) for x in object_logits(heads, stages, owner, cover)]
+    size, colour, shape = (torch.stack(g).mean() for g in zip(*per_stage, strict=True))
+    loss = presence_ + object_weight * (size + colour + shape)
+    return {"loss": loss, "presence": presence_, "size": size, "colour": colour, "shape": shape}
 
 
 @torch.no_grad()
-def swin_quality(swin, val: World, n: int) -> dict:
+def swin_quality(swin, val: World, n: int, heads: ObjectHeads | None = None) -> dict:
+    """Presence accuracy per label; with the object heads, each val object's size / colour /
+    shape named from each stage (the property MagNet's and M3Dec's grounding rest on)."""
     swin.eval()
-    correct = []
+    correct, named = [], []
     for start in range(0, n, 100):
         samples = [val[i] for i in range(start, min(n, start + 100))]
-        correct.append((swin_logits(swin, images(samples, "bert")) > 0) == (presence(samples) > 0))
+        logits, stages = swin_forward(swin, images(samples, "bert"))
+        correct.append((logits > 0) == (presence(samples) > 0))
+        if heads is not None:
+            owner, cover, labels = object_labels(samples)
+            per_stage = []
+            for x in object_logits(heads, stages, owner, cover):
+                bounds = np.cumsum([0] + [len(names) for _, names in GROUPS])
+                per_stage.append(
+                    torch.stack(
+                        [x[:, a:b].argmax(1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+                        1,
+                    )
+                )
+            named.append(torch.stack(per_stage) == labels)  # (4, R, 3)
     correct = torch.cat(correct)  # (n, 14) bool
-    return {
+    quality = {
         "swin_label_accuracy": correct.float().mean().item(),
         "swin_exact_set_accuracy": correct.all(1).float().mean().item(),
         "swin_label_accuracy_per_label": dict(
             zip(ATTRIBUTES, correct.float().mean(0).tolist(), strict=True)
         ),
     }
+    if heads is not None:
+        acc = torch.cat(named, 1).float().mean(1)  # (4, 3)
+        for g, (group, _) in enumerate(GROUPS):
+            quality[f"swin_object_{group}_accuracy_per_stage"] = acc[:, g].tolist()
+    return quality
 
 
 # =============================================================================================
@@ -530,6 +635,7 @@ def train(part: str, seed: int, modules: list[torch.nn.Module], step_fn, recipe:
           steps: int, progress: bool = True) -> list[dict]:  # fmt: skip
     """The first `steps` optimiser steps (of recipe.steps) of `step_fn(step) -> {"loss", ...}`;
     returns each step's loss terms."""
+    modules = [m for m in modules if m is not None]
     for m in modules:
         m.train()
     params = [p for m in modules for p in m.parameters()]
@@ -551,20 +657,23 @@ def train(part: str, seed: int, modules: list[torch.nn.Module], step_fn, recipe:
     return log
 
 
-def run_part(part: str, model: torch.nn.Module, seed: int, recipe: Recipe,
-             steps: int | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
-    """Pretrain `model` (the part's encoder) in place; `steps` < recipe.steps stops early."""
+def run_part(part: str, model: torch.nn.Module, head: torch.nn.Module | None, seed: int,
+             recipe: Recipe, steps: int | None = None,
+             progress: bool = True) -> list[dict]:  # fmt: skip
+    """Pretrain `model` (the part's encoder) and its training-only `head` in place; `steps` <
+    recipe.steps stops early."""
     steps = recipe.steps if steps is None else steps
     B = recipe.batch_size
     if part == "swin":
-        world = World("train")
-        return train(part, seed, [model], lambda s: swin_step(model, world, seed, s, B), recipe,
-                     steps, progress)  # fmt: skip
+        world, w = World("train"), recipe.object_weight
+        return train(part, seed, [model, head],
+                     lambda s: swin_step(model, head, world, seed, s, B, w), recipe, steps,
+                     progress)  # fmt: skip
     if part == "bert":
         tok, worlds = data.build_tokenizer("bert"), (World("train"), World("train", True))
         return train(part, seed, [model], lambda s: bert_step(model, tok, worlds, seed, s, B),
                      recipe, steps, progress)  # fmt: skip
-    tok, world, head = data.build_tokenizer("clip"), World("train"), DenseHead()
+    tok, world = data.build_tokenizer("clip"), World("train")
     return train(part, seed, [model, head],
                  lambda s: clip_step(model, head, tok, world, seed, s, B), recipe, steps,
                  progress)  # fmt: skip
@@ -573,7 +682,8 @@ def run_part(part: str, model: torch.nn.Module, seed: int, recipe: Recipe,
 def first_losses(part: str, seed: int = 0, steps: int = 2) -> list[float]:
     """The losses of the first `steps` steps of the default recipe from the seed (what the test
     reproduces: a change to the data, the model or the recipe changes them)."""
-    log = run_part(part, build_model(part, seed), seed, RECIPES[part], steps, progress=False)
+    model, head = build_model(part, seed), build_head(part, seed, RECIPES[part])
+    log = run_part(part, model, head, seed, RECIPES[part], steps, progress=False)
     return [row["loss"] for row in log]
 
 
@@ -581,8 +691,8 @@ def pretrain_part(part: str, seed: int, recipe: Recipe, out: Path, val_samples: 
     """Train one encoder on 1 thread, measure it, save its folder; -> its quality numbers."""
     torch.set_num_threads(1)  # small ops: one thread per part is faster, and bitwise reproducible
     wall, cpu = time.time(), time.process_time()
-    model = build_model(part, seed)
-    log = run_part(part, model, seed, recipe)
+    model, head = build_model(part, seed), build_head(part, seed, recipe)
+    log = run_part(part, model, head, seed, recipe)
     quality = {
         f"{part}_train_wall_minutes": (time.time() - wall) / 60,
         f"{part}_train_cpu_minutes": (time.process_time() - cpu) / 60,
@@ -591,7 +701,7 @@ def pretrain_part(part: str, seed: int, recipe: Recipe, out: Path, val_samples: 
     }
     wall, cpu = time.time(), time.process_time()
     if part == "swin":
-        quality.update(swin_quality(model, World("val"), val_samples))
+        quality.update(swin_quality(model, World("val"), val_samples, head))
     elif part == "bert":
         vals = (World("val"), World("val", generalized=True))
         quality.update(bert_quality(model, data.build_tokenizer("bert"), vals, val_samples))
@@ -686,6 +796,9 @@ def main() -> None:
             flag = f"--{part}-{field.replace('_', '-')}"
             parser.add_argument(flag, type=kind, default=getattr(RECIPES[part], field),
                                 help=f"{field} of {FOLDERS[part]}")  # fmt: skip
+    parser.add_argument("--swin-object-weight", type=float, default=RECIPES["swin"].object_weight,
+                        help="weight of tiny-swin's per-object size/colour/shape term "
+                             "(0: presence only, the shipped recipe)")  # fmt: skip
     parser.add_argument("--val-samples", type=int, default=500, help="val scenes for quality")
     parser.add_argument("--workers", type=int, default=3,
                         help="parts trained at once, one process and one thread each")  # fmt: skip
@@ -700,6 +813,8 @@ def main() -> None:
     recipes = {p: replace(RECIPES[p], steps=getattr(args, f"{p}_steps"),
                           lr=getattr(args, f"{p}_lr"), batch_size=getattr(args, f"{p}_batch_size"))
                for p in parts}  # fmt: skip
+    if "swin" in recipes:
+        recipes["swin"] = replace(recipes["swin"], object_weight=args.swin_object_weight)
     record = out / "quality.json"
     quality = json.loads(record.read_text()) if record.exists() and parts != list(PARTS) else {}
     if quality.get("seed", args.seed) != args.seed:

@@ -99,6 +99,34 @@ def test_same_seed_same_steps_bitwise_other_seed_differs():
         assert torch.equal(x[k], y[k])
 
 
+def test_swin_object_targets_pool_each_object_over_its_own_cells():
+    """Swin's per-object loss reads each object's own region of its own image at every stage,
+    and names that object's size, colour and shape."""
+    world = pretrain.World("train")
+    samples = [world[i] for i in (3, 4)]
+    owner, cover, labels = pretrain.object_labels(samples)
+    assert len(owner) == len(labels) == sum(len(s.objects) for s in samples)
+    for r, (b, k) in enumerate(
+        (b, k) for b, s in enumerate(samples) for k in range(len(s.objects))
+    ):
+        assert owner[r] == b
+        names = [n[labels[r, g]] for g, (_, n) in enumerate(pretrain.GROUPS)]
+        assert tuple(names) == samples[b].objects[k]
+    area = np.bincount(data.make_scene(3, "train").labels.ravel())[1:]
+    cell = data.CANVAS // pretrain.SWIN_GRID
+    np.testing.assert_allclose(samples[0].swin_cover.sum(1) * cell**2, area)
+    for side in (16, 8, 4, 2):  # every stage: a map that is 1 on one image and 0 on the other
+        fmap = torch.zeros(2, 3, side, side)
+        fmap[1] = 1.0
+        pooled = pretrain.pool_objects(fmap, owner, cover)  # (R, 3)
+        assert torch.allclose(pooled, owner[:, None].float().expand(-1, 3))
+    # at stage 1 (one cell per 4 px patch) the pooled value is the cover-weighted mean of cells
+    fmap = torch.arange(256.0).view(1, 1, 16, 16).expand(2, 1, 16, 16)
+    pooled = pretrain.pool_objects(fmap, owner, cover)[:, 0]
+    expected = (cover * torch.arange(256.0)).sum(1) / cover.sum(1)
+    assert torch.allclose(pooled, expected, rtol=1e-5)
+
+
 def test_patch_cover_and_dense_targets():
     """Patch cover is each object's share of every 16x16-canvas-pixel cell; a phrase's dense
     target is the cover of the objects it describes, in the image that holds them."""
@@ -156,3 +184,19 @@ def test_shipped_encoders_learned_their_objectives():
     swin = SwinForImageClassification.from_pretrained(FOLDER / "tiny-swin")
     q = pretrain.swin_quality(swin, pretrain.World("val"), 32)["swin_label_accuracy_per_label"]
     assert np.mean([q[c] for c in data.COLOUR_NAMES]) > 0.8  # chance ~0.5
+
+
+def test_swin_object_term_starts_at_chance_and_is_off_in_the_shipped_recipe():
+    """--swin-object-weight 1: the per-object terms start near ln(classes) (calibrated heads);
+    weight 0 (the shipped recipe) builds no heads and logs presence only."""
+    assert pretrain.RECIPES["swin"].object_weight == 0.0
+    assert pretrain.build_head("swin", 0, pretrain.RECIPES["swin"]) is None
+    recipe = dataclasses.replace(pretrain.RECIPES["swin"], batch_size=8, object_weight=1.0)
+    model, head = pretrain.build_model("swin", 0), pretrain.build_head("swin", 0, recipe)
+    (row,) = pretrain.run_part("swin", model, head, 0, recipe, steps=1, progress=False)
+    assert row["size"] == pytest.approx(np.log(2), abs=0.3)
+    assert row["colour"] == pytest.approx(np.log(6), abs=0.5)
+    assert row["shape"] == pytest.approx(np.log(6), abs=0.5)
+    assert row["loss"] == pytest.approx(
+        row["presence"] + row["size"] + row["colour"] + row["shape"]
+    )
