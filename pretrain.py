@@ -40,7 +40,8 @@ The objectives, with the real counterpart each one stands for:
   relations, ordinals: the downstream task) are never a training target here.
 
 Quality, measured on the val split and printed, written to pretrained/quality.json and to each
-folder's README.md: Swin attribute accuracy (per label, exact set), BERT masked-word accuracy, CLIP
+folder's README.md: Swin attribute accuracy (per label, exact set; with the per-object term also
+each object's size / colour / shape named from each stage), BERT masked-word accuracy, CLIP
 image-to-text / text-to-image top-1 among the captions of a batch, and the patch property the
 CLIP-family methods rely on (share of the referred object's patches in the top half of patches
 ranked by cosine with the sentence; chance 0.5).
