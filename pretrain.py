@@ -287,14 +287,11 @@ def presence(samples: list[Sample]) -> torch.Tensor:
     return labels
 
 
-# Each object's size, colour and shape, named from its mask-pooled features at every stage (the
-# stage maps the methods read through SwinBackbone). Scene-level presence alone teaches colours
-# and sizes, not shapes (a fresh linear probe on the stage features named an object's shape 21-23%
-# of the time, chance 17%, after 300 to 3000 steps): a scene always holds several shapes, so
-# "which shapes are present" can be guessed from counts and colours. Naming each object's shape
-# makes the shape the only answer; it still takes ~1000 steps before the shape loss leaves its
-# plateau (ln 6 = 1.79), which is why this part trains longest.
+# The optional per-object term (--swin-object-weight, see RECIPES): each object's size, colour
+# and shape named from its features mask-pooled at every stage (the maps SwinBackbone returns).
 GROUPS = (("size", tuple(data.SIZES)), ("colour", data.COLOUR_NAMES), ("shape", data.SHAPES))
+_ENDS = np.cumsum([len(names) for _, names in GROUPS])
+GROUP_SLICES = [slice(a, b) for a, b in zip([0, *_ENDS[:-1]], _ENDS, strict=True)]  # in (R, 14)
 STAGE_DIMS = (32, 64, 128, 256)  # swin_config(): embed_dim * 2**stage
 
 
@@ -316,12 +313,14 @@ def build_head(part: str, seed: int, recipe: Recipe) -> torch.nn.Module | None:
     return DenseHead() if part == "clip" else None
 
 
-def swin_forward(swin: SwinForImageClassification, pixel_values: torch.Tensor):
+def swin_forward(swin: SwinForImageClassification, pixel_values: torch.Tensor, stages: bool):
     # always_partition: the shifted-window path SwinBackbone takes downstream (see docstring);
-    # the stage maps before patch merging are the ones SwinBackbone returns.
-    out = swin(pixel_values=pixel_values, always_partition=True, output_hidden_states=True,
-               output_hidden_states_before_downsampling=True)  # fmt: skip
-    return out.logits, out.reshaped_hidden_states[1:]  # (B, 14), 4 x (B, C_s, H_s, W_s)
+    # the stage maps before patch merging (only asked for when the object term reads them) are
+    # the ones SwinBackbone returns.
+    out = swin(pixel_values=pixel_values, always_partition=True, output_hidden_states=stages,
+               output_hidden_states_before_downsampling=stages)  # fmt: skip
+    maps = out.reshaped_hidden_states[1:] if stages else None
+    return out.logits, maps  # (B, 14), 4 x (B, C_s, H_s, W_s)
 
 
 def object_labels(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -352,18 +351,14 @@ def object_logits(heads: ObjectHeads, stages, owner, cover) -> list[torch.Tensor
 
 def group_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
     """Cross-entropy of size, colour and shape from (R, 14) logits."""
-    losses, start = [], 0
-    for g, (_, names) in enumerate(GROUPS):
-        losses.append(F.cross_entropy(logits[:, start : start + len(names)], labels[:, g]))
-        start += len(names)
-    return losses
+    return [F.cross_entropy(logits[:, s], labels[:, g]) for g, s in enumerate(GROUP_SLICES)]
 
 
 def swin_step(swin, heads, world: World, seed: int, step: int, batch_size: int,
               object_weight: float) -> dict:  # fmt: skip
     rng = np.random.default_rng(_seed(seed, "swin", step))
     samples = [world[int(i)] for i in rng.integers(POOL, size=batch_size)]
-    logits, stages = swin_forward(swin, images(samples, "bert"))
+    logits, stages = swin_forward(swin, images(samples, "bert"), stages=heads is not None)
     presence_ = F.binary_cross_entropy_with_logits(logits, presence(samples))
     if heads is None:
         return {"loss": presence_}
@@ -382,19 +377,12 @@ def swin_quality(swin, val: World, n: int, heads: ObjectHeads | None = None) -> 
     correct, named = [], []
     for start in range(0, n, 100):
         samples = [val[i] for i in range(start, min(n, start + 100))]
-        logits, stages = swin_forward(swin, images(samples, "bert"))
+        logits, stages = swin_forward(swin, images(samples, "bert"), stages=heads is not None)
         correct.append((logits > 0) == (presence(samples) > 0))
         if heads is not None:
             owner, cover, labels = object_labels(samples)
-            per_stage = []
-            for x in object_logits(heads, stages, owner, cover):
-                bounds = np.cumsum([0] + [len(names) for _, names in GROUPS])
-                per_stage.append(
-                    torch.stack(
-                        [x[:, a:b].argmax(1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
-                        1,
-                    )
-                )
+            per_stage = [torch.stack([x[:, s].argmax(1) for s in GROUP_SLICES], 1)
+                         for x in object_logits(heads, stages, owner, cover)]  # fmt: skip
             named.append(torch.stack(per_stage) == labels)  # (4, R, 3)
     correct = torch.cat(correct)  # (n, 14) bool
     quality = {
