@@ -10,11 +10,12 @@ The objectives, with the real counterpart each one stands for:
 
 - tiny-swin (Swin on ImageNet: supervised image classification). Multi-label classification of
   which colours, shapes and sizes are present in a scene (14 labels, binary cross-entropy), at
-  64 px with ImageNet mean/std, as data.py prepares images for the Swin/BERT family. Optionally
-  (`--swin-object-weight 1`, measured but not shipped, see RECIPES) a second term names every
-  object's size, colour and shape from its own features, mask-pooled at each of the four stages
+  64 px with ImageNet mean/std, as data.py prepares images for the Swin/BERT family. Plus a
+  per-object term (weight 1, `--swin-object-weight`; 0 = presence only): every object's size,
+  colour and shape named from its own features, mask-pooled at each of the four stages
   (cross-entropy, one linear head per stage, not saved): an ImageNet image shows one object, a
-  scene here 2-6, so naming each object from its own region is the closer analog. The model is
+  scene here 2-6, so naming each object from its own region is the closer analog, and presence
+  alone never taught shapes (RECIPES). The model is
   a `SwinForImageClassification`; its encoder runs with `always_partition=True`, the path
   `SwinBackbone` takes downstream (shifted windows in every stage; transformers' `SwinModel`
   default path crashes on a last stage smaller than the window).
@@ -48,8 +49,8 @@ ranked by cosine with the sentence; chance 0.5).
 
 Run `python pretrain.py`: the three parts train side by side, one process and one thread each
 (for ops this small one thread per part beats two, and the weights are bitwise the same whatever
-the machine's load): about 6 CPU-minutes in all, 3-4 minutes on 2 idle cores, deterministic from
---seed. Or
+the machine's load): about 18 CPU-minutes in all (Swin 14-16, BERT 1, CLIP 3), about 15 minutes
+on 2 idle cores (the Swin's), deterministic from --seed. Or
 `python pretrain.py --init-only`: random-init folders of the same architectures, in seconds.
 """
 
@@ -104,23 +105,23 @@ class Recipe:
     object_weight: float = 0.0  # Swin: weight of the per-object term (0: presence only)
 
 
-# Lengths set for a 2-core machine shared with other jobs (each part ~1-3 CPU-minutes). CLIP's
-# patch property saturates early (a 400-step trial: top-half share 0.90 at step 100, 0.985 at 200);
-# Swin knows colours and sizes at 300 steps, not shapes, and more steps of presence alone do not
-# fix that: in a 1500-step run its mean shape-presence accuracy went 0.575 at step 300 -> 0.612
-# at 1500, colours 0.866 -> 0.996 (300 val scenes); a fresh linear probe on the stage features
-# named an object's shape 20-22% of the time (chance 17%) even after 3000 steps. MagNet's Mask
-# Grounding pays for it (magnet.py: shape words are not grounded). The per-object term
-# (--swin-object-weight 1) does teach shapes, but only after a long plateau: its shape loss sits
-# at ln 6 = 1.79 for ~1000 steps (so 300- and 900-step trials of it, and of patch 2, window 8,
-# 4x heads, absolute positions, or distillation from a CNN, all stayed at 20-24%). Named by the
-# trained heads on 500 val scenes' objects, stages 1-4: 3000 steps at batch 32 (12 CPU-min)
-# 25/36/39/35%, 2000 at batch 64 (14 min) 23/32/37/33%, 4000 at batch 32 (16 min)
-# 29/47/52/44%, colours and sizes 88-100%. Not shipped yet: MagNet, M3Dec and ReLA read
-# tiny-swin, and MagNet's default run with the 3000-step one (seed 0) reached mIoU 0.632,
-# grounding gain 0.062 (shipped: 0.653, 0.044); the README's numbers would all have to be redone.
+# Lengths set for a 2-core machine shared with other jobs (Swin ~16 CPU-minutes, BERT ~1, CLIP ~3,
+# run side by side). CLIP's patch property saturates early (a 400-step trial: top-half share 0.90
+# at step 100, 0.985 at 200). Swin learns colours and sizes from presence alone in 300 steps, not
+# shapes, and more steps of presence alone do not fix that: in a 1500-step run its mean
+# shape-presence accuracy went 0.575 at step 300 -> 0.612 at 1500 (300 val scenes); a fresh
+# linear probe on the stage features named an object's shape 20-22% of the time (chance 17%)
+# even after 3000 steps. The per-object term does teach shapes, but only after a long plateau: its
+# shape loss sits at ln 6 = 1.79 for ~1000 steps (so 300- and 900-step trials of it, and of patch
+# 2, window 8, 4x heads, absolute positions, or distillation from a CNN, all stayed at 20-24%).
+# Named by the trained heads on 500 val scenes' objects, stages 1-4: 2000 steps at batch 64 (14
+# CPU-min) 23/32/37/33%, 3000 at batch 32 (12 min) 25/36/39/35%, 4000 at batch 32 (16 min)
+# 29/47/52/44%, colours and sizes 88-100%. M3Dec's default run gained 4.2 mIoU points from it
+# (presence-only Swin: 52.3), so the shipped Swin uses the 4000-step recipe.
 RECIPES = {
-    "swin": Recipe(steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup=30),
+    "swin": Recipe(
+        steps=4000, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=30, object_weight=1.0
+    ),
     "bert": Recipe(steps=600, batch_size=64, lr=1e-3, weight_decay=0.01, warmup=50),
     "clip": Recipe(steps=250, batch_size=64, lr=1e-3, weight_decay=0.1, warmup=25),
 }
@@ -718,7 +719,9 @@ CARDS = {
     "swin": ("`SwinForImageClassification` (Swin, patch 4, window 4, embed 32, depths 2-2-2-2, "
              "heads 1-2-4-8; 64 px; stage maps 16x16/8x8/4x4/2x2 with 32/64/128/256 channels)",
              "multi-label classification of the colours, shapes and sizes present in a scene "
-             "(14 labels, BCE), the analog of ImageNet classification; ImageNet mean/std",
+             "(14 labels, BCE), the analog of ImageNet classification, plus each object's size, "
+             "colour and shape named from its features mask-pooled at every stage (cross-entropy, "
+             "heads not saved); ImageNet mean/std",
              'SwinBackbone.from_pretrained(folder, out_features=["stage1", "stage2", "stage3", '
              '"stage4"])'),
     "bert": ("`BertForMaskedLM` (hidden 64, 4 layers, 4 heads, FFN 256, 32 positions) + the "

@@ -186,12 +186,13 @@ def test_shipped_encoders_learned_their_objectives():
     assert np.mean([q[c] for c in data.COLOUR_NAMES]) > 0.8  # chance ~0.5
 
 
-def test_swin_object_term_starts_at_chance_and_is_off_in_the_shipped_recipe():
-    """--swin-object-weight 1: the per-object terms start near ln(classes) (calibrated heads);
-    weight 0 (the shipped recipe) builds no heads and logs presence only."""
-    assert pretrain.RECIPES["swin"].object_weight == 0.0
-    assert pretrain.build_head("swin", 0, pretrain.RECIPES["swin"]) is None
-    recipe = dataclasses.replace(pretrain.RECIPES["swin"], batch_size=8, object_weight=1.0)
+def test_swin_object_term_starts_at_chance_and_is_off_at_weight_zero():
+    """The shipped recipe's per-object terms start near ln(classes) (calibrated heads) and their
+    sum is the logged loss; --swin-object-weight 0 (presence only) builds no heads."""
+    assert pretrain.RECIPES["swin"].object_weight == 1.0
+    presence_only = dataclasses.replace(pretrain.RECIPES["swin"], object_weight=0.0)
+    assert pretrain.build_head("swin", 0, presence_only) is None
+    recipe = dataclasses.replace(pretrain.RECIPES["swin"], batch_size=8)
     model, head = pretrain.build_model("swin", 0), pretrain.build_head("swin", 0, recipe)
     (row,) = pretrain.run_part("swin", model, head, 0, recipe, steps=1, progress=False)
     assert row["size"] == pytest.approx(np.log(2), abs=0.3)
