@@ -193,6 +193,7 @@ class Config:
     mask_ratio: float = 0.15  # fraction of word tokens masked (BERT)
     mask_input: str = "centre"  # Table 3b: "centre" | "average" (| "none": 3a MaskedVLM row)
     grounding_grid: int = 15  # P pooled to 15 x 15 cells (stride 32 at 480 px)
+    grounding_stage: int = 1  # P = the text-free Swin pass up to this stage (1: no extra cost)
     predictor_dim: int = 256  # D_g (the release's Linear(768, 256))
     predictor_layers: int = 8  # Table 3c: 4 / 8 / 12
     predictor_heads: int = 8
@@ -786,9 +787,11 @@ class MagNet(nn.Module):
         self.decoder = Decoder(dims, D, cfg.decoder_heads, cfg.mask_prior)
         self.text_proj = nn.Linear(d_t, D) if self.use_p2t else None  # proj() of T_avg
         self.grounding = None
+        if not 1 <= cfg.grounding_stage <= len(dims):
+            raise ValueError(f"grounding_stage must be 1..{len(dims)}, not {cfg.grounding_stage}")
         if "no_mg" not in ablate:
             self.grounding = MaskGrounding(
-                dims[0], d_t, cfg.predictor_dim, self.bert.config.vocab_size,
+                dims[cfg.grounding_stage - 1], d_t, cfg.predictor_dim, self.bert.config.vocab_size,
                 cfg.predictor_layers, cfg.predictor_heads, "mlm_only" not in ablate,
                 cfg.mask_input,
             )  # fmt: skip
@@ -808,7 +811,7 @@ class MagNet(nn.Module):
         ):
             x = swin_stage_blocks(stage, x, (H, W))  # Eq. (5): P_i
             if i == 0:  # Eq. (2): no word has touched the image yet
-                P = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, d_1, H/4, W/4)
+                P = self.text_free_image(x, (H, W))  # (B, d_s, H_s, W_s)
             o = bert_layers(self.bert.encoder.layer[i * n : (i + 1) * n], o, ext_mask)  # O_i
             x, o, F_v = cam(x, o, (H, W), attention_mask)  # Eq. (6)-(11)
             feats.append(norm(F_v).transpose(1, 2).reshape(B, -1, H, W))  # (B, d_i, H_i, W_i)
@@ -816,6 +819,17 @@ class MagNet(nn.Module):
                 x = stage.downsample(x, (H, W))
                 H, W = (H + 1) // 2, (W + 1) // 2
         return feats, o, P
+
+    def text_free_image(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """P of Eq. (2): stage 1's output x (B, N, d_1), before CAM 1, carried through Swin stages
+        2..grounding_stage without any CAM (a partial second pass: stages 2+ see 4x fewer tokens
+        each). Returns (B, d_s, H_s, W_s)."""
+        (H, W), stages = hw, self.swin.encoder.layers
+        for stage, prev in zip(stages[1 : self.cfg.grounding_stage], stages, strict=False):
+            x = prev.downsample(x, (H, W))  # (B, N/4, 2d)
+            H, W = (H + 1) // 2, (W + 1) // 2
+            x = swin_stage_blocks(stage, x, (H, W))
+        return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
 
     def encode_text(self, input_ids, attention_mask):
         """LanguageEncoder of Eq. (1): plain BERT on the masked text (no image fusion)."""
@@ -896,7 +910,7 @@ class MagNet(nn.Module):
             input_ids, attention_mask, cfg.mask_ratio, cfg.mask_token_id, gen
         )
         O_masked = self.encode_text(masked_ids, attention_mask)  # Eq. (1)
-        P = F.adaptive_avg_pool2d(P, cfg.grounding_grid)  # Eq. (2): (B, d_1, g, g)
+        P = F.adaptive_avg_pool2d(P, cfg.grounding_grid)  # Eq. (2): (B, d_s, g, g)
         word_logits = self.grounding(O_masked, attention_mask, selected, P, masks)  # Eq. (4)
         y_gt = input_ids[selected]  # (n_masked,)
         if len(y_gt) == 0:  # no word to mask in the whole batch

@@ -295,13 +295,14 @@ def test_average_mask_input_pools_p_inside_the_gt_mask():
     assert out_a["losses"]["grounding"] != out_b["losses"]["grounding"]
 
 
-def test_grounding_inputs_are_text_free_except_the_masked_text():
+@pytest.mark.parametrize("stage", [1, 2, 4])
+def test_grounding_inputs_are_text_free_except_the_masked_text(stage):
     """Eq. (2): P = ImageEncoder(I). Changing only the hidden word (the word under [MASK]) must
     leave every input of the masked token predictor as it was: O sees [MASK], P and M see no text.
     (A P taken after any CAM would carry the unmasked word into the predictor.)"""
     # Training mode with one torch seed: the same words are hidden in both runs (in eval mode
     # the hidden words depend on the sentence's own tokens, so they would move).
-    model = tiny_model().train()
+    model = tiny_model(grounding_stage=stage).train()
     batch = make_batch(model.cfg)
     images, ids, am, targets = batch
     seen = []
@@ -316,6 +317,7 @@ def test_grounding_inputs_are_text_free_except_the_masked_text():
         swapped[hidden] = torch.where(ids[hidden] == 5, 6, 5)  # another word, same position
         out_b = run(model, (images, swapped, am, targets))
     own_a, own_b = seen
+    assert own_a[3].shape[1] == model.swin.config.embed_dim * 2 ** (stage - 1)  # P: (B, d_s, g, g)
     assert torch.equal(own_b[2], hidden)  # the same words hidden in both runs
     assert len(own_a) == 5
     for a, b in zip(own_a, own_b, strict=True):
