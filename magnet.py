@@ -26,7 +26,8 @@ only ever means the mask embedding of Eq. 3 and P only ever means image features
     O_i, P_i           language / image output of stage i before CAM (Eq. 5): `o` (B, L, d_t),
                        `x` (B, N, d_i); O_{i+1}, P_{i+1} after CAM (Eq. 10-11)
     O, P, C (Eq. 1-4)  masked-text features `O_masked` (B, L, d_t); text-free image embedding
-                       `P` = P_1 before CAM 1 (B, d_1, H/4, W/4); mask embedding `C` (B, 1, D_g)
+                       `P` = P_1 before CAM 1 (B, d_1, H/4, W/4) (or the text-free pass to stage
+                       s = grounding_stage, (B, d_s, H_s, W_s)); mask embedding `C` (B, 1, D_g)
     P_i^k              pooled + MLP'd image map at pyramid scale k (Eq. 6): `P_k`
     O_{i,p2t}, P_{i,t2p}   attention outputs for words / pixels (Eq. 7-9): `o_p2t`, `p_t2p`
     I (Eq. 12-14)      mask features `I` (B, D, H/4, W/4) (signed); I^+ / I^- = `pos` / `neg`
@@ -811,16 +812,17 @@ class MagNet(nn.Module):
     def encode(self, images, input_ids, attention_mask):
         """Interleaved Swin / BERT stages with a CAM after each (Eq. 5-11).
         Returns the 4 decoder features (B, d_i, H_i, W_i), the final words O (B, L, d_t) and the
-        text-free image embedding P = P_1 before CAM 1 (B, d_1, H/4, W/4)."""
+        text-free image embedding P (B, d_s, H_s, W_s): P_1 before CAM 1 for grounding_stage 1;
+        None when nothing reads it (no Mask Grounding)."""
         x, (H, W) = self.swin.embeddings(images)  # (B, N, d_1), stride 4
         o = self.bert.embeddings(input_ids=input_ids)  # (B, L, d_t)
         ext_mask = bert_extended_mask(attention_mask, o.dtype)
-        feats, n, B = [], self.layers_per_stage, x.shape[0]
+        feats, n, B, P = [], self.layers_per_stage, x.shape[0], None
         for i, (stage, cam, norm) in enumerate(
             zip(self.swin.encoder.layers, self.cams, self.stage_norms, strict=True)
         ):
             x = swin_stage_blocks(stage, x, (H, W))  # Eq. (5): P_i
-            if i == 0:  # Eq. (2): no word has touched the image yet
+            if i == 0 and self.grounding is not None:  # Eq. (2): no word has touched x yet
                 P = self.text_free_image(x, (H, W))  # (B, d_s, H_s, W_s)
             o = bert_layers(self.bert.encoder.layer[i * n : (i + 1) * n], o, ext_mask)  # O_i
             x, o, F_v = cam(x, o, (H, W), attention_mask)  # Eq. (6)-(11)
