@@ -15,10 +15,10 @@ The objectives, with the real counterpart each one stands for:
   colour and shape named from its own features, mask-pooled at each of the four stages
   (cross-entropy, one linear head per stage, not saved): an ImageNet image shows one object, a
   scene here 2-6, so naming each object from its own region is the closer analog, and presence
-  alone never taught shapes (RECIPES). The model is
-  a `SwinForImageClassification`; its encoder runs with `always_partition=True`, the path
-  `SwinBackbone` takes downstream (shifted windows in every stage; transformers' `SwinModel`
-  default path crashes on a last stage smaller than the window).
+  alone never taught shapes (RECIPES). The model is a `SwinForImageClassification`; its encoder
+  runs with `always_partition=True`, the path `SwinBackbone` takes downstream (shifted windows in
+  every stage; transformers' `SwinModel` default path crashes on a last stage smaller than the
+  window).
 - tiny-bert (BERT: masked-language modelling). 15% of the words of the world's expressions
   (shapes and gshapes train) are chosen, at least one per sentence; 80% of them become [MASK], 10%
   a random word, 10% stay; the model predicts the originals. (No next-sentence prediction: a
