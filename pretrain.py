@@ -294,7 +294,7 @@ def presence(samples: list[Sample]) -> torch.Tensor:
 GROUPS = (("size", tuple(data.SIZES)), ("colour", data.COLOUR_NAMES), ("shape", data.SHAPES))
 _ENDS = np.cumsum([len(names) for _, names in GROUPS])
 GROUP_SLICES = [slice(a, b) for a, b in zip([0, *_ENDS[:-1]], _ENDS, strict=True)]  # in (R, 14)
-STAGE_DIMS = (32, 64, 128, 256)  # swin_config(): embed_dim * 2**stage
+STAGE_DIMS = tuple(swin_config().embed_dim * 2**i for i in range(4))  # (32, 64, 128, 256)
 
 
 class ObjectHeads(torch.nn.Module):
@@ -791,7 +791,7 @@ def main() -> None:
                                 help=f"{field} of {FOLDERS[part]}")  # fmt: skip
     parser.add_argument("--swin-object-weight", type=float, default=RECIPES["swin"].object_weight,
                         help="weight of tiny-swin's per-object size/colour/shape term "
-                             "(0: presence only, the shipped recipe)")  # fmt: skip
+                             "(0: presence only)")  # fmt: skip
     parser.add_argument("--val-samples", type=int, default=500, help="val scenes for quality")
     parser.add_argument("--workers", type=int, default=3,
                         help="parts trained at once, one process and one thread each")  # fmt: skip
