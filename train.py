@@ -596,8 +596,10 @@ def main(argv=None) -> None:
         fail(str(e))
     # Tie the text side of the model to the tokenizer (random-init encoders are sized to it).
     cfg = dataclasses.replace(cfg, vocab_size=len(tokenizer))
-    if hasattr(cfg, "mask_token_id"):
-        cfg = dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id)
+    if hasattr(cfg, "mask_token_id"):  # MagNet's Mask Grounding: [MASK] and the articles
+        ids = tokenizer.convert_tokens_to_ids(["a", "an", "the"])
+        articles = tuple(i for i in ids if i != tokenizer.unk_token_id)
+        cfg = dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id, article_ids=articles)
 
     # ---- the recipe: demo or the paper's, then the user's flags on top ---------------------------
     recipe_name = args.recipe or ("demo" if synthetic else "paper")

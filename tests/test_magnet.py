@@ -2,11 +2,15 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import data
 import magnet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CLS, SEP, MASK = 2, 3, 4  # offline tokenizer ids (see the method contract); words from 5
 
@@ -236,6 +240,43 @@ def test_mask_words_fraction_and_special_tokens():
     assert torch.equal(a, b)
 
 
+def test_mask_words_never_hides_the_listed_tokens():
+    """tiny() keeps articles: k counts only the words that may be hidden, and a sentence of
+    articles only hides nothing."""
+    THE = 51
+    ids = torch.tensor([[CLS, THE, 7, 8, THE, 9, SEP, 0], [CLS, THE, THE, SEP, 0, 0, 0, 0]])
+    am = (ids != 0).long()
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        masked, sel = magnet.mask_words(ids, am, 0.15, MASK, gen, never=(THE,))
+        assert not sel[ids == THE].any()
+        assert sel[0].sum() == 1 and sel[0, 2:6].any() and not sel[1].any()
+        assert torch.equal(masked[ids == THE], ids[ids == THE])
+    # without `never` the articles are words like any other (the paper's masking)
+    picked = torch.stack(
+        [
+            magnet.mask_words(ids, am, 0.15, MASK, torch.Generator().manual_seed(s))[1]
+            for s in range(40)
+        ]
+    )
+    assert picked[:, 0, 1].any() and picked[:, 1].any()
+
+
+def test_tiny_keeps_the_articles_of_its_tokenizer_and_paper_masks_any_word():
+    tok = data.build_tokenizer("bert", str(ROOT / "pretrained/tiny-bert"))
+    cfg = magnet.Config.tiny()
+    assert cfg.hide_articles is False and magnet.Config.paper().hide_articles is True
+    assert set(cfg.article_ids) == set(tok.convert_tokens_to_ids(["a", "the"]))
+    assert tok.unk_token_id not in cfg.article_ids
+    # the model in eval mode (the diagnostics) never hides "the" either
+    model = tiny_model().eval()
+    images, ids, am, targets = make_batch(model.cfg, n_words=(4, 7, 5))
+    ids[:, 1] = cfg.article_ids[-1]  # "the ..." as every demo expression
+    with torch.no_grad():
+        out = model(images, ids, am, targets)
+    assert out["mg_selected"].sum() == 3 and not out["mg_selected"][:, 1].any()
+
+
 def test_mask_centre():
     masks = torch.zeros(3, 8, 8)
     masks[0, 0:4, 4:8] = 1  # x in columns 4..7, y in rows 0..3
@@ -274,7 +315,7 @@ def test_average_mask_input_pools_p_inside_the_gt_mask():
     """Table 3b "Average" (the demo's input): C = MLP(mean of P's tokens under the GT mask), so
     moving the mask moves C, and a mask inside one cell gives exactly that cell's feature."""
     model = tiny_model(mask_input="average").train()
-    assert tiny_config().mask_input == "average"
+    assert tiny_config().mask_input == "centre+average"  # the demo's: the centre's C and this one
     calls = []
     model.grounding.average_encoder.register_forward_hook(
         lambda m, inp, out: calls.append((inp[0].detach(), out.detach()))
@@ -334,7 +375,8 @@ def test_grounding_context_switches():
         "mlm": {"ablate": ("mlm_only",)},
         "none": {"mask_input": "none"},
         "centre": {"mask_input": "centre"},
-        "average": {},
+        "average": {"mask_input": "average"},
+        "centre+average": {},
     }.items():
         model = tiny_model(**changes).eval()
         lengths = []
@@ -346,7 +388,13 @@ def test_grounding_context_switches():
         assert torch.isfinite(out["losses"]["grounding"])
         sizes[name] = lengths[0]
     L, g = make_batch(tiny_config())[1].shape[1], tiny_config().grounding_grid
-    assert sizes == {"mlm": L, "none": L + g * g, "centre": L + g * g + 1, "average": L + g * g + 1}
+    assert sizes == {
+        "mlm": L,
+        "none": L + g * g,
+        "centre": L + g * g + 1,
+        "average": L + g * g + 1,
+        "centre+average": L + g * g + 2,  # both C tokens
+    }
     with pytest.raises(ValueError, match="mask_input"):
         tiny_model(mask_input="box")
 
