@@ -292,8 +292,8 @@ class Config:
 # with MG, CAM and CAL switched off. Numbers: oIoU on RefCOCO val and RefCOCO+ val (Swin-B).
 LAVT = ("no_mg", "no_cam", "no_p2p", "no_p2t")
 _MG = ("no_cam", "no_p2p", "no_p2t")  # LAVT + Mask Grounding
-# The paper's Mask Grounding reads the mask centre; the demo's tiny() reads the average (see the
-# docstring), so the rows pin the input they measure.
+# The paper's Mask Grounding reads the mask centre; the demo's tiny() reads the centre and the
+# average (see the docstring), so the rows pin the input they measure.
 _CENTRE = {"mask_input": "centre"}
 _CAM = ("no_mg", "no_p2p", "no_p2t")  # LAVT + CAM
 _SETTING = "paper: 224x224 input, 10 epochs (§4.4): --set image_size=224 --epochs 10 on RefCOCO"
