@@ -408,8 +408,7 @@ def mask_words(
     last = valid.sum(1) - 1  # (B,) index of [SEP]
     position = torch.arange(L, device=input_ids.device)
     words = valid & (position > 0) & (position[None] != last[:, None])  # (B, L)
-    for token in never:
-        words &= input_ids != token
+    words &= ~torch.isin(input_ids, input_ids.new_tensor(never))  # (B, L)
     n = words.sum(1)
     k = torch.where(n > 0, torch.floor(ratio * n + 0.5).clamp(min=1), torch.zeros_like(n))
     # A random score per word (padding/special get -1); rank the words, keep the k best.
@@ -453,7 +452,8 @@ class MaskGrounding(nn.Module):
 
     use_image=False is the "MLM" ablation (language tokens only). mask_input: "centre" (the paper:
     C = MaskEncoder(centre of the GT mask)), "average" (Table 3b: C from the image features
-    averaged inside the GT mask) or "none" (no C token: the "MaskedVLM" row of Table 3a).
+    averaged inside the GT mask), "centre+average" (both, as two tokens: tiny()) or "none" (no C
+    token: the "MaskedVLM" row of Table 3a).
     """
 
     def __init__(self, d_img, d_t, D_g, vocab_size, layers, heads, use_image, mask_input):

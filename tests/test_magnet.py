@@ -312,8 +312,9 @@ def test_mask_encoder_uses_gt_centre():
 
 
 def test_average_mask_input_pools_p_inside_the_gt_mask():
-    """Table 3b "Average" (the demo's input): C = MLP(mean of P's tokens under the GT mask), so
-    moving the mask moves C, and a mask inside one cell gives exactly that cell's feature."""
+    """Table 3b "Average" (one of the demo's two C tokens): C = MLP(mean of P's tokens under the
+    GT mask), so moving the mask moves C, and a mask inside one cell gives exactly that cell's
+    feature."""
     model = tiny_model(mask_input="average").train()
     assert tiny_config().mask_input == "centre+average"  # the demo's: the centre's C and this one
     calls = []
@@ -368,7 +369,8 @@ def test_grounding_inputs_are_text_free_except_the_masked_text(stage):
 
 
 def test_grounding_context_switches():
-    """Table 3a/3b: MLM sees words only; "none" adds image tokens; "centre" / "average" add C."""
+    """Table 3a/3b: MLM sees words only; "none" adds image tokens; "centre" / "average" add C;
+    "centre+average" (the demo's) adds both."""
     batch = make_batch(tiny_config())
     sizes = {}
     for name, changes in {
