@@ -119,27 +119,43 @@ We deviate on purpose (the 64 px demo, found by measurement; see tests and issue
   leaving the average: on the same checkpoints with any word hidden, the gain over the 350 other
   words is 6.0 points ("average") and 10.6 ("centre+average") against 8.0 for the previous
   default.
+- The centre's C is also added to every word token (centre_on_words; tiny() only, the Table 3
+  Center rows pin the paper's single token). As one token among 64 image tokens the predictor
+  never read it for position words ("the diamond at the [MASK]" -> "bottom" with its own image
+  and with another's), though the target's centre alone names top / bottom in 85% of "at the
+  top / bottom" expressions and left / right in 84% of "leftmost / rightmost" (4000 train
+  scenes, rule: centre above / left of the middle). Probe (previous default frozen, fresh
+  predictor, 2000 steps, own / other on 500 val): top / bottom 54% / 54% as a token, 82% / 54%
+  on the words; all words gain 9.4 -> 13.2 points (Fourier features of the centre 10.2, C from
+  its own MLP 11.4, a (centre, width, height) box on the words 13.4). Default runs (seeds 0 / 1,
+  5000 steps): grounding gain 0.112 / 0.116 (was 0.098 / 0.088), text-swap 0.215 / 0.227, but
+  mIoU 0.633 / 0.608 (was 0.662 / 0.654): ordinals fall to the text-blind rule (24.7 vs 23.3,
+  was 38.1), the others hold (attribute 63.7, position 75.6, relation 77.9); both runs still
+  rose at step 5000. `--set centre_on_words=False` is the previous default.
 What the demo's Mask Grounding grounds (issue 12). After the default run (5000 steps, seed 0),
 per hidden word on 500 val expressions, right with the own image and mask / with another
-sample's: colour 86% / 6% (52 words), size 27% / 18% (63), shape 13% / 12% (106), position 29% /
-28% (96), the rest 67% / 68% (183: "shape", "object", ordinals, "at", "from", "of"). Two limits
-are the language's, not the model's: size words are synonyms drawn at random (small / little,
-large / big), so half of them at most can be right; and the noun slot says "shape" or "object"
-in 375 of the 500 val expressions' nouns, a shape name in 209, so knowing the target's shape
-does not tell which noun was said (the shape's name and "shape" are equally likely). Colour and
-size grounded perfectly, with the other-sample accuracies above, would give 13.9 points; the
-run gives 9.8. Position words are guessed from the text ("at the [MASK]" -> "top", with either
-image), with the centre's C too. Shape is not grounded either, although the pretrained Swin
-names an object's shape from its mask-pooled stage-1 features 29% of the time and from stage 2
-47% (pretrained/quality.json; chance 17%), and taking P from stage 2 did not change it (above).
-Fine-tuning washes most of it out: a linear probe on P averaged in the GT mask (3000 train
-scenes, 500 val) names the target's shape 34% of the time from the pretrained stage 1 and 51%
-from the pretrained stage-2 text-free pass, 30% / 31% after the previous default run, 31% / 28%
-after its grounding_stage=2 run. Position words do not ground with the mask drawn onto P either
-(a learnt vector added to each image token in proportion to its GT-mask cover, beside the
-Average C; a default model frozen, a fresh predictor, 2000 steps): position 32% / 32%. Nor does
-a finer grid (Average at 16 x 16, same probe, all words: gain 6.6 points against 5.8 at 8 x 8,
-at 4x the predictor's cost).
+sample's: colour 86% / 6% (52 words), size 19% / 11% (63), shape 12% / 9% (106), position 44% /
+32% (96: top / bottom 71% / 54%, 28 of them), the rest 68% / 71% (183: "shape", "object",
+ordinals, "at", "from", "of"); without centre_on_words: size 27% / 18%, shape 13% / 12%,
+position 29% / 28% (top / bottom 39% / 39%), the rest 67% / 68%. Two limits are the language's,
+not the model's: size words are synonyms drawn at random (small / little, large / big), so half
+of them at most can be right; and the noun slot says "shape" or "object" in 375 of the 500 val
+expressions' nouns, a shape name in 209, so knowing the target's shape does not tell which noun
+was said (the shape's name and "shape" are equally likely). Colour and size grounded perfectly,
+with the previous default's other-sample accuracies, would give 13.9 points; the run without
+centre_on_words gave 9.8, all from colour and size. Leftmost / rightmost are still not grounded
+(16% / 19%: the predictor guesses a colour or size word in front of the noun). Shape is not
+grounded either, although the pretrained Swin names an object's shape from its mask-pooled
+stage-1 features 29% of the time and from stage 2 47% (pretrained/quality.json; chance 17%), and
+taking P from stage 2 did not change it (above). Fine-tuning washes most of it out: a linear
+probe on P averaged in the GT mask (3000 train scenes, 500 val) names the target's shape 34% of
+the time from the pretrained stage 1 and 51% from the pretrained stage-2 text-free pass, 30% /
+31% after the previous default run, 31% / 28% after its grounding_stage=2 run. Without
+centre_on_words, position words did not ground with the mask drawn onto P either (a learnt
+vector added to each image token in proportion to its GT-mask cover, beside the Average C; a
+default model frozen, a fresh predictor, 2000 steps): position 32% / 32%. Nor does a finer grid
+(Average at 16 x 16, same probe, all words: gain 6.6 points against 5.8 at 8 x 8, at 4x the
+predictor's cost).
 How the demo came to work, one seed each unless said:
 - The loss. The LAVT row (no MG, CAM, CAL) plateaued at mIoU 0.282 at 3000 steps, below the
   text-blind "segment every object" (0.296), with Prec@0.7 0.018: blobs inside objects. A 1x1
@@ -160,9 +176,12 @@ How the demo came to work, one seed each unless said:
 - The shape-aware tiny-swin (pretrain.py's per-object term, now shipped): default run, seed 0,
   mIoU 0.645, oIoU 0.555, text-swap 0.203, grounding gain 0.056 (60.4% / 54.8%); the line above,
   seed 0, with the presence-only Swin: 0.653, text-swap 0.206.
-- Articles kept, two C tokens (the two bullets above; the default now): seed 0 mIoU 0.662, oIoU
-  0.582, Prec@0.5 0.714, text-swap 0.204, grounding gain 0.098 (45.4% / 35.6%); seeds 1 / 2:
-  mIoU 0.654 / 0.633, text-swap 0.212 / 0.211, gain 0.088 / 0.106.
+- Articles kept, two C tokens (the bullets above): seed 0 mIoU 0.662, oIoU 0.582, Prec@0.5
+  0.714, text-swap 0.204, grounding gain 0.098 (45.4% / 35.6%); seeds 1 / 2: mIoU 0.654 / 0.633,
+  text-swap 0.212 / 0.211, gain 0.088 / 0.106.
+- The centre's C on the words too (the default now): seed 0 mIoU 0.633, oIoU 0.537, Prec@0.5
+  0.660, text-swap 0.215, grounding gain 0.112 (47.2% / 36.0%), CAL P2P 0.177, P2T 0.236; seed 1
+  mIoU 0.608, oIoU 0.517, Prec@0.5 0.644, text-swap 0.227, gain 0.116 (48.8% / 37.2%).
 
 Reference code: https://github.com/yxchng/mask-grounding (eval only), https://github.com/yz93/LAVT-RIS
 """
@@ -223,6 +242,7 @@ class Config:
     hide_articles: bool = True  # the paper masks any word; tiny() never hides "a" / "an" / "the"
     article_ids: tuple[int, ...] = (1037, 2019, 1996)  # bert-base-uncased; train.py re-reads them
     mask_input: str = "centre"  # Table 3b: "centre" | "average" | "centre+average" | "none" (3a)
+    centre_on_words: bool = False  # tiny(): the centre's C, if any, also added to every word
     grounding_grid: int = 15  # P pooled to 15 x 15 cells (stride 32 at 480 px)
     grounding_stage: int = 1  # P = the text-free Swin pass up to this stage (1: no extra cost)
     predictor_dim: int = 256  # D_g (the release's Linear(768, 256))
@@ -280,6 +300,7 @@ class Config:
             hide_articles=False,  # a third of the demo's words are "the" (see "We deviate")
             article_ids=(9, 51),  # the offline tokenizer's "a", "the"
             mask_input="centre+average",  # the paper's C and Table 3b's: see "We deviate"
+            centre_on_words=True,  # the centre's C also on every word: see "We deviate"
             grounding_grid=8,  # stride 8 at 64 px
             predictor_dim=64,
             predictor_layers=2,
@@ -297,7 +318,7 @@ LAVT = ("no_mg", "no_cam", "no_p2p", "no_p2t")
 _MG = ("no_cam", "no_p2p", "no_p2t")  # LAVT + Mask Grounding
 # The paper's Mask Grounding reads the mask centre; the demo's tiny() reads the centre and the
 # average (see the docstring), so the rows pin the input they measure.
-_CENTRE = {"mask_input": "centre"}
+_CENTRE = {"mask_input": "centre", "centre_on_words": False}
 _CAM = ("no_mg", "no_p2p", "no_p2t")  # LAVT + CAM
 _SETTING = "paper: 224x224 input, 10 epochs (§4.4): --set image_size=224 --epochs 10 on RefCOCO"
 
@@ -453,16 +474,20 @@ class MaskGrounding(nn.Module):
     use_image=False is the "MLM" ablation (language tokens only). mask_input: "centre" (the paper:
     C = MaskEncoder(centre of the GT mask)), "average" (Table 3b: C from the image features
     averaged inside the GT mask), "centre+average" (both, as two tokens: tiny()) or "none" (no C
-    token: the "MaskedVLM" row of Table 3a).
+    token: the "MaskedVLM" row of Table 3a). centre_on_words (tiny()) also adds the centre's C to
+    every word token, so [MASK] reads the target's position without first finding the C token.
     """
 
-    def __init__(self, d_img, d_t, D_g, vocab_size, layers, heads, use_image, mask_input):
+    def __init__(
+        self, d_img, d_t, D_g, vocab_size, layers, heads, use_image, mask_input, centre_on_words
+    ):
         super().__init__()
         if mask_input not in ("centre", "average", "centre+average", "none"):
             raise ValueError(
                 f"mask_input must be centre, average, centre+average or none, not {mask_input!r}"
             )
         self.use_image, self.mask_input = use_image, mask_input
+        self.centre_on_words = centre_on_words
         self.lang_proj = nn.Linear(d_t, D_g)  # language embedding -> predictor width
         if use_image:
             self.image_proj = nn.Linear(d_img, D_g)
@@ -498,6 +523,8 @@ class MaskGrounding(nn.Module):
             if self.mask_input in ("centre", "centre+average"):
                 C = self.mask_encoder(mask_centre(masks))[:, None]  # Eq. (3): (B, 1, D_g)
                 context.append(C + self.type_embed.weight[2])
+                if self.centre_on_words:  # the demo: C on every word too, as a bias (docstring)
+                    tokens = tokens + C  # (B, L, D_g)
             if self.mask_input in ("average", "centre+average"):  # Table 3b "Average"
                 cell = F.adaptive_avg_pool2d(masks[:, None].float(), g).flatten(1)  # (B, g*g)
                 avg = (cell[..., None] * P).sum(1) / cell.sum(1, keepdim=True).clamp(min=1e-6)
@@ -832,7 +859,7 @@ class MagNet(nn.Module):
             self.grounding = MaskGrounding(
                 dims[cfg.grounding_stage - 1], d_t, cfg.predictor_dim, self.bert.config.vocab_size,
                 cfg.predictor_layers, cfg.predictor_heads, "mlm_only" not in ablate,
-                cfg.mask_input,
+                cfg.mask_input, cfg.centre_on_words,
             )  # fmt: skip
         # Training steps taken, for the CAL warm-up (saved with the weights, so resuming is exact).
         self.register_buffer("step", torch.zeros((), dtype=torch.long))

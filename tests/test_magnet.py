@@ -311,6 +311,32 @@ def test_mask_encoder_uses_gt_centre():
     assert out_a["losses"]["grounding"] != out_b["losses"]["grounding"]
 
 
+def test_centre_on_words_adds_the_centres_c_to_every_word():
+    """The demo (tiny(): centre_on_words) adds the centre's C to every word's embedding as well as
+    feeding it as the paper's token; the image and C tokens stay as they were. paper() and the
+    Table 3 Center rows keep C as one token only."""
+    model = tiny_model().train()
+    assert model.cfg.centre_on_words and not magnet.Config.paper().centre_on_words
+    for table, row in [
+        ("Table 3a", "+MG Mask Grounding"),
+        ("Table 3b", "Center mask centre coordinates"),
+    ]:
+        assert magnet.TABLES[table][row]["set"]["centre_on_words"] is False
+    seen = []
+    model.grounding.predictor.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    batch = make_batch(model.cfg)
+    run(model, batch)
+    model.grounding.centre_on_words = False
+    run(model, batch)
+    L = batch[1].shape[1]
+    with torch.no_grad():
+        C = model.grounding.mask_encoder(magnet.mask_centre(batch[3]["masks"]))  # (B, D_g)
+    torch.testing.assert_close(
+        seen[0][:, :L] - seen[1][:, :L], C[:, None].expand_as(seen[0][:, :L])
+    )
+    torch.testing.assert_close(seen[0][:, L:], seen[1][:, L:])  # image tokens and the two C
+
+
 def test_average_mask_input_pools_p_inside_the_gt_mask():
     """Table 3b "Average" (one of the demo's two C tokens): C = MLP(mean of P's tokens under the
     GT mask), so moving the mask moves C, and a mask inside one cell gives exactly that cell's
