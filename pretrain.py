@@ -49,8 +49,8 @@ ranked by cosine with the sentence; chance 0.5).
 
 Run `python pretrain.py`: the three parts train side by side, one process and one thread each
 (for ops this small one thread per part beats two, and the weights are bitwise the same whatever
-the machine's load): about 18 CPU-minutes in all (Swin 14-16, BERT 1, CLIP 3), about 15 minutes
-on 2 idle cores (the Swin's), deterministic from --seed. Or
+the machine's load): about 23 CPU-minutes in all (Swin 14-18, BERT 2, CLIP 4-5), 18.6 minutes on 2
+idle cores (the Swin's, measured), deterministic from --seed on one CPU and torch build. Or
 `python pretrain.py --init-only`: random-init folders of the same architectures, in seconds.
 """
 
