@@ -166,6 +166,41 @@ def swap_partners(image_ids: list[int]) -> list[int]:
     return partners
 
 
+def build_optimizer(
+    model: torch.nn.Module, recipe: dict, device: torch.device, warn: bool = True
+) -> tuple[torch.optim.Optimizer, list]:
+    """The recipe's optimizer: its frozen parts frozen, the Hugging Face encoders at lr x
+    recipe["encoder_lr_factor"], every other parameter at lr. Returns (optimizer, the parameters
+    it trains). `warn`: print when a frozen prefix names nothing (rank 0 only under DDP)."""
+    for prefix in recipe.get("frozen", ()):  # the recipe's frozen parts (e.g. BERT's embeddings)
+        hits = [p for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+        if not hits and warn:
+            print(f"warning: the recipe freezes {prefix!r}, which this model does not have")
+        for p in hits:
+            p.requires_grad_(False)
+    lr = recipe["lr"]
+    # The Hugging Face encoders (pretrained, as in every paper) get a smaller lr than new layers.
+    enc_ids = {
+        id(p) for m in model.modules() if isinstance(m, PreTrainedModel) for p in m.parameters()
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in enc_ids], "lr": lr * recipe["encoder_lr_factor"]},
+        {"params": [p for p in params if id(p) not in enc_ids], "lr": lr},
+    ]
+    wd = recipe.get("weight_decay", 0.0)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if recipe["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **fused)
+    elif recipe["optimizer"] == "adam":  # the papers' Adam: weight decay as an L2 term
+        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=wd, **fused)
+    elif recipe["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=wd)
+    else:
+        fail(f"recipe optimizer {recipe['optimizer']!r}: choose adamw, adam or sgd")
+    return optimizer, params
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -723,32 +758,7 @@ def main(argv=None) -> None:
         return
 
     # ---- optimiser and schedule -------------------------------------------------------------
-    for prefix in recipe.get("frozen", ()):  # the recipe's frozen parts (e.g. BERT's embeddings)
-        hits = [p for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
-        if not hits and master:
-            print(f"warning: the recipe freezes {prefix!r}, which this model does not have")
-        for p in hits:
-            p.requires_grad_(False)
-    lr = recipe["lr"]
-    # The Hugging Face encoders (pretrained, as in every paper) get a smaller lr than new layers.
-    enc_ids = {
-        id(p) for m in model.modules() if isinstance(m, PreTrainedModel) for p in m.parameters()
-    }
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if id(p) in enc_ids], "lr": lr * recipe["encoder_lr_factor"]},
-        {"params": [p for p in params if id(p) not in enc_ids], "lr": lr},
-    ]
-    wd = recipe.get("weight_decay", 0.0)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if recipe["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **fused)
-    elif recipe["optimizer"] == "adam":  # the papers' Adam: weight decay as an L2 term
-        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=wd, **fused)
-    elif recipe["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=wd)
-    else:
-        fail(f"recipe optimizer {recipe['optimizer']!r}: choose adamw, adam or sgd")
+    optimizer, params = build_optimizer(model, recipe, device, warn=master)
     steps_per_epoch = len(train_set) // (batch_size * world)
     if steps_per_epoch == 0:
         fail(f"the training split has {len(train_set)} samples, fewer than one batch per process")
