@@ -10,7 +10,8 @@ their logits first (`upsample_to`): on small objects a nearest-shrunk GT loses m
 
 Metrics follow the official evaluation code of GRES/ReLA (`refer_evaluation.py`), which on data
 without no-target expressions reduces to the LAVT definitions (oIoU = ΣI/ΣU, mIoU = mean IoU,
-Prec@X with IoU >= X). See `RISMetrics`.
+Prec@X with IoU >= X). The CLIP family's official code (CRIS, ASDA: `engine.py`) counts Prec@X
+with IoU > X instead: `RISMetrics(prec_strict=True)`. See `RISMetrics`.
 """
 
 from __future__ import annotations
@@ -114,9 +115,13 @@ class RISMetrics:
     With a head, the FP row keeps the predicted mask in the union, as the official code does.)
 
     compute() returns oIoU (= cIoU) = ΣI/ΣU, mIoU (= gIoU) = mean sample IoU, Prec@X over
-    targeted samples only (IoU >= X) and, only when the split has no-target expressions,
+    targeted samples only and, only when the split has no-target expressions,
     N-acc = TP/(TP+FN) and T-acc = TN/(TN+FP). All state is sums and counts in one float64
     tensor, so `all_reduce()` merges DDP ranks exactly.
+
+    Prec@X counts IoU >= X, as the Swin/BERT family's official code does (LAVT and MagNet
+    `test.py`, ReLA `refer_evaluation.py`); prec_strict=True counts IoU > X, as the CLIP family's
+    does (CRIS and ASDA `engine.py`). The two differ only on samples whose IoU is exactly X.
     """
 
     # Layout of the state vector.
@@ -124,7 +129,8 @@ class RISMetrics:
         f"prec@{t}" for t in PREC_THRESHOLDS
     )
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", prec_strict: bool = False):
+        self.prec_strict = prec_strict  # Prec@X: IoU > X (CRIS, ASDA) instead of IoU >= X
         self.state = torch.zeros(len(self._NAMES), dtype=torch.float64, device=device)
         self._idx = {k: i for i, k in enumerate(self._NAMES)}
 
@@ -170,7 +176,8 @@ class RISMetrics:
         for name, m in (("TP", tp), ("FN", fn), ("FP", fp), ("TN", tn)):
             self._add(name, m.sum())
         for t in PREC_THRESHOLDS:
-            self._add(f"prec@{t}", ((iou >= t) & ~gt_nt).sum())
+            passed = iou > t if self.prec_strict else iou >= t
+            self._add(f"prec@{t}", (passed & ~gt_nt).sum())
         return iou
 
     def all_reduce(self) -> None:

@@ -97,6 +97,26 @@ def test_prec_uses_greater_or_equal():
     assert m.compute()["Prec@0.5"] == 1.0
 
 
+def test_prec_strict_counts_iou_above_x_only():
+    """Five samples whose IoU is exactly 0.5, 0.6, 0.7, 0.8, 0.9 (k of the GT's 10 pixels
+    predicted, k = 5..9): IoU >= X (LAVT, ReLA, MagNet) counts the sample at X, IoU > X (CRIS,
+    ASDA: prec_strict=True) does not."""
+    gt = torch.zeros(5, 10, dtype=torch.bool)
+    gt[:] = True
+    pred = torch.zeros(5, 10, dtype=torch.bool)
+    for i, k in enumerate(range(5, 10)):
+        pred[i, :k] = True
+    ge, gt_only = common.RISMetrics(), common.RISMetrics(prec_strict=True)
+    iou = ge.update(pred, gt)
+    assert iou.tolist() == [0.5, 0.6, 0.7, 0.8, 0.9]  # exact in float64
+    assert torch.equal(gt_only.update(pred, gt), iou)
+    a, b = ge.compute(), gt_only.compute()
+    for j, t in enumerate(common.PREC_THRESHOLDS):  # IoU >= t: samples j..4; IoU > t: j+1..4
+        assert a[f"Prec@{t}"] == pytest.approx((5 - j) / 5), t
+        assert b[f"Prec@{t}"] == pytest.approx((4 - j) / 5), t
+    assert a["mIoU"] == b["mIoU"] and a["oIoU"] == b["oIoU"]  # only Prec@X depends on the rule
+
+
 def test_accumulation_is_order_independent_and_mergeable():
     # Two "ranks" summed state == one pass over everything (what all_reduce does in DDP).
     g = torch.Generator().manual_seed(0)
