@@ -110,12 +110,48 @@ def row_flags(spec: dict) -> str:
     return " ".join(parts) or "(full model)"
 
 
+def format_row_recipe(row_recipe: dict) -> str:
+    """{"epochs": 10, "image_size": 320} -> "epochs 10, image_size 320"."""
+    return ", ".join(f"{k} {v}" for k, v in row_recipe.items())
+
+
 def describe_row(spec: dict) -> str:
-    """One line: how a TABLES row is built, and the paper's number."""
+    """One line: how a TABLES row is built, what the paper's row ran with, the paper's number."""
     if "skip" in spec:
         return f"not built: {spec['skip']}"
     paper = ", ".join(f"{k} {v}" for k, v in spec.get("paper", {}).items())
-    return row_flags(spec) + (f"  [paper: {paper}]" if paper else "")
+    ran = format_row_recipe(spec.get("recipe", {}))
+    return (
+        row_flags(spec)
+        + (f"  (ran with {ran}; --recipe paper)" if ran else "")
+        + (f"  [paper: {paper}]" if paper else "")
+    )
+
+
+# A TABLES row's "recipe" may name these besides RECIPE's keys: either length unit, and the
+# Config's input size.
+ROW_RECIPE_EXTRA = ("epochs", "iterations", "image_size")
+
+
+def check_row_recipe(spec: dict, paper_recipe: dict, where: str) -> dict:
+    """A row's "recipe" overrides, checked against the method's RECIPE keys."""
+    row_recipe = dict(spec.get("recipe", {}))
+    unknown = [k for k in row_recipe if k not in paper_recipe and k not in ROW_RECIPE_EXTRA]
+    if unknown:
+        fail(f"{where}: recipe key {unknown[0]!r} is neither a RECIPE key nor one of "
+             f"{', '.join(ROW_RECIPE_EXTRA)}")  # fmt: skip
+    return row_recipe
+
+
+def apply_row_recipe(recipe: dict, row_recipe: dict) -> dict:
+    """The paper recipe with a row's overrides (not image_size, a Config field). A row that
+    gives its length in the other unit replaces the recipe's length."""
+    recipe = dict(recipe)
+    if "epochs" in row_recipe or "iterations" in row_recipe:
+        recipe.pop("epochs", None)
+        recipe.pop("iterations", None)
+    recipe.update({k: v for k, v in row_recipe.items() if k != "image_size"})
+    return recipe
 
 
 def slug(text: str) -> str:
@@ -596,7 +632,8 @@ def main(argv=None) -> None:
         cfg = module.Config.tiny() if preset == "tiny" else module.Config.paper()
         if args.no_pretrained:
             cfg = dataclasses.replace(cfg, pretrained=False)
-    row_name = None
+    recipe_name = args.recipe or ("demo" if synthetic else "paper")
+    row_name, row_recipe = None, {}
     if args.row:  # a paper table row: its switches and overrides, then the user's flags on top
         table, key, spec = find_row(module.TABLES, args.row)
         if "skip" in spec:
@@ -606,8 +643,14 @@ def main(argv=None) -> None:
             cfg, ablate=tuple(dict.fromkeys(cfg.ablate + spec.get("ablate", ())))
         )
         row_name = slug(f"{table} {key.split()[0]}")
+        row_recipe = check_row_recipe(spec, module.RECIPE, f"{table} {key}")
         if master:
             print(f"{table} {key}: {describe_row(spec)}")
+            if row_recipe and recipe_name == "demo":
+                print(f"{table} {key}: the paper's row ran with {format_row_recipe(row_recipe)}; "
+                      "the demo keeps its recipe (--recipe paper applies them)")  # fmt: skip
+        if recipe_name == "paper" and "image_size" in row_recipe:
+            cfg = dataclasses.replace(cfg, image_size=row_recipe["image_size"])
     cfg = parse_overrides(cfg, args.set)
     if args.ablate:
         names = [n for item in args.ablate for n in item.split(",") if n]
@@ -637,10 +680,11 @@ def main(argv=None) -> None:
         cfg = dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id, article_ids=articles)
 
     # ---- the recipe: demo or the paper's, then the user's flags on top ---------------------------
-    recipe_name = args.recipe or ("demo" if synthetic else "paper")
     recipe = dict(DEMO_RECIPE if recipe_name == "demo" else module.RECIPE)
     if recipe_name == "demo":  # the paper's encoder lr factor, 1 for random-init encoders
         recipe["encoder_lr_factor"] = module.RECIPE["encoder_lr_factor"] if cfg.pretrained else 1.0
+    else:  # what the paper's row ran with, where it differs from RECIPE (image_size: above)
+        recipe = apply_row_recipe(recipe, row_recipe)
     flags = {"lr": args.lr, "encoder_lr_factor": args.encoder_lr_mult,
              "weight_decay": args.weight_decay, "grad_clip": args.grad_clip}  # fmt: skip
     recipe.update({k: v for k, v in flags.items() if v is not None})
@@ -781,6 +825,8 @@ def main(argv=None) -> None:
                     "args": vars(args),
                     "preset": preset,
                     "recipe": recipe,
+                    "row_recipe": row_recipe,
+                    "row_recipe_applied": bool(row_recipe) and recipe_name == "paper",
                     "config": dataclasses.asdict(cfg),
                 },
                 indent=2,

@@ -292,3 +292,48 @@ def test_swap_partners_skip_the_same_image():
     assert train.swap_partners([7, 7, 8]) == [2, 2, 0]
     assert train.swap_partners([5, 5]) == [-1, -1]
     assert train.swap_partners([1]) == [-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# A TABLES row's "recipe": what the paper's row ran with, applied with --recipe paper only.
+
+ROW_WITH_RECIPE = {"Table 9": {"#1 short": {"set": {}, "recipe": {"epochs": 1, "image_size": 48}}}}
+
+
+def test_row_recipe_reaches_config_json(monkeypatch, tmp_path):
+    monkeypatch.setattr(rela, "TABLES", ROW_WITH_RECIPE)
+    train.main(["--method", "rela", "--row", "Table 9 #1", "--recipe", "paper", "--no-pretrained",
+                "--max-steps", "1", "--out", str(tmp_path), "--name", "p", *FAST])  # fmt: skip
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["recipe"]["epochs"] == 1 and "iterations" not in config["recipe"]
+    assert config["recipe"]["lr"] == rela.RECIPE["lr"]  # the rest is RECIPE's
+    assert config["config"]["image_size"] == 48
+    assert config["row_recipe"] == {"epochs": 1, "image_size": 48}
+    assert config["row_recipe_applied"] is True
+
+
+def test_row_recipe_user_flags_win_and_demo_keeps_its_recipe(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(rela, "TABLES", ROW_WITH_RECIPE)
+    argv = ["--method", "rela", "--row", "Table 9 #1", "--no-pretrained", "--max-steps", "1",
+            "--out", str(tmp_path), *FAST]  # fmt: skip
+    train.main([*argv, "--recipe", "paper", "--epochs", "2", "--set", "image_size=64",
+                "--name", "user"])  # fmt: skip
+    config = json.loads((tmp_path / "user" / "config.json").read_text())
+    assert config["config"]["image_size"] == 64 and config["recipe"]["epochs"] == 1
+    assert config["recipe"]["total_steps"] == 1  # --max-steps wins over --epochs and the row
+    train.main([*argv, "--name", "demo"])  # the built-in world's default: the demo recipe
+    out = capsys.readouterr().out
+    assert "the paper's row ran with epochs 1, image_size 48; the demo keeps its recipe" in out
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert config["recipe"]["name"] == "demo" and "epochs" not in config["recipe"]
+    assert config["config"]["image_size"] == rela.Config.tiny().image_size
+    assert config["row_recipe_applied"] is False
+    assert "(ran with epochs 1, image_size 48; --recipe paper)" in train.describe_row(
+        ROW_WITH_RECIPE["Table 9"]["#1 short"]
+    )
+
+
+def test_row_recipe_unknown_key(monkeypatch, capsys):
+    monkeypatch.setattr(rela, "TABLES", {"Table 9": {"#1 x": {"recipe": {"epoch": 1}}}})
+    err = one_line_error(capsys, ["--method", "rela", "--row", "Table 9 #1"])
+    assert "recipe key 'epoch'" in err
