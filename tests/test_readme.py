@@ -64,3 +64,21 @@ def test_readme_table_commands_name_real_tables():
     assert len({m for m, _ in commands}) == 5  # one headline table per paper at least
     for method, table in commands:
         assert table in importlib.import_module(method).TABLES, (method, table)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README names a file that exists, and a #part names a heading."""
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert "docs/results.md" in local and "docs/README.md" in local
+    for link in local:
+        path, _, part = link.partition("#")
+        assert (ROOT / path).exists(), link
+        if part:
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), flags=re.M)
+            assert part in {_anchor(h) for h in headings}, link
