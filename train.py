@@ -386,6 +386,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Numeric flags and the least each accepts (argparse's own errors print the usage too).
+AT_LEAST = {
+    "max_steps": 1, "epochs": 1, "batch_size": 1, "val_every": 1, "log_every": 1, "run_steps": 1,
+    "val_samples": 1, "warmup": 0, "workers": 0, "lr": 0.0, "encoder_lr_mult": 0.0,
+    "weight_decay": 0.0, "grad_clip": 0.0,
+}  # fmt: skip
+ABOVE = {"time_budget": 0.0, "ckpt_minutes": 0.0}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """A negative or zero length, batch or interval is a typo, not a run that trains nothing."""
+    for name, low in {**AT_LEAST, **ABOVE}.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            fail(f"{flag} {value}: expected a finite number")
+        if name in ABOVE and value <= low:
+            fail(f"{flag} {value}: expected a number above {low:g}")
+        if name in AT_LEAST and value < low:
+            fail(f"{flag} {value}: expected {low:g} or more")
+
+
+def check_data_files(name: str, root: str, split_by: str | None) -> None:
+    """A real dataset's files exist: checked before any tokenizer or encoder is loaded (the
+    paper preset's come from the Hub), so a wrong --data-root is named, not a download error."""
+    split_by = split_by or data.DEFAULT_SPLIT_BY[name]
+    folder = Path(root) / name
+    refs = f"grefs({split_by}).json" if name == "grefcoco" else f"refs({split_by}).p"
+    images = Path(root) / "images" / "train2014"
+    if not images.is_dir() and (Path(root) / "images/mscoco/images/train2014").is_dir():
+        images = Path(root) / "images/mscoco/images/train2014"  # refer's original layout
+    for path in (folder / refs, folder / "instances.json", images):
+        if not path.exists():
+            fail(f"{path} not found; {data.layout(name, split_by)}")
+
+
 def parse_overrides(cfg, items: list[str]):
     """--set FIELD=VALUE, parsed with the type of the field's current value."""
     fields = {f.name for f in dataclasses.fields(cfg)}
@@ -590,6 +628,7 @@ def plot_curves(log_path: Path, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_numbers(args)
     module = importlib.import_module(args.method)
 
     # ---- processes and device -------------------------------------------------------------
@@ -624,6 +663,8 @@ def main(argv=None) -> None:
     args.dataset = args.dataset or (ckpt["dataset"] if ckpt else None)
     args.dataset = args.dataset or ("gshapes" if args.method == "rela" else "shapes")
     synthetic = args.dataset in SYNTHETIC
+    if not synthetic and not args.predict:
+        check_data_files(args.dataset, args.data_root, args.split_by)
     if ckpt:  # the checkpoint's Config is the architecture (--set can still move the threshold)
         cfg = module.Config(**ckpt["config"])
         preset = ckpt["preset"]

@@ -337,3 +337,31 @@ def test_row_recipe_unknown_key(monkeypatch, capsys):
     monkeypatch.setattr(rela, "TABLES", {"Table 9": {"#1 x": {"recipe": {"epoch": 1}}}})
     err = one_line_error(capsys, ["--method", "rela", "--row", "Table 9 #1"])
     assert "recipe key 'epoch'" in err
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--max-steps", "-5"), ("--max-steps", "0"), ("--epochs", "0"), ("--batch-size", "-1"),
+     ("--val-every", "0"), ("--log-every", "0"), ("--warmup", "-1"), ("--time-budget", "0"),
+     ("--lr", "nan")],
+)  # fmt: skip
+def test_bad_numbers_end_in_one_line(capsys, flag, value):
+    err = one_line_error(capsys, ["--method", "rela", flag, value])
+    assert err.startswith(f"error: {flag} ") and "expected" in err
+
+
+def test_missing_refcoco_named_before_any_tokenizer(capsys, tmp_path, monkeypatch):
+    # The paper preset's tokenizer comes from the Hub: the missing file must be named first.
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("a tokenizer was built before the data files were checked")
+
+    monkeypatch.setattr(train.data, "build_tokenizer", no_tokenizer)
+    root = tmp_path / "nowhere"
+    argv = ["--method", "magnet", "--dataset", "refcoco", "--data-root", str(root)]
+    err = one_line_error(capsys, argv)
+    assert f"{root / 'refcoco' / 'refs(unc).p'} not found" in err and "expected" in err
+    (root / "refcoco").mkdir(parents=True)
+    (root / "refcoco" / "refs(unc).p").write_bytes(b"")
+    assert "instances.json not found" in one_line_error(capsys, argv)
+    (root / "refcoco" / "instances.json").write_text("{}")
+    assert "train2014 not found" in one_line_error(capsys, argv)
