@@ -65,7 +65,6 @@ We deviate on purpose:
 - tiny() only: ffn_dim = wcg_ffn_dim = 128 (#ffn_dim, #wcg_ffn_dim); dropout 0 (#dropout)
 - tiny() only: decoder_dim 32, dim / 2 as the release's 512 // 2 (#decoder_dim)
 - tiny() only: coef_grid 4, the 8x8 patch grid pooled to 4x4 cells (#coef_grid)
-- tiny() only: N_c 8 response masks (#N_c)
 """
 
 from __future__ import annotations
@@ -153,7 +152,7 @@ class Config:
     wcg_ffn_dim: int = 2048  # WCG's FFN (release lang_tf_enc: forward_dim 2048)
     n: int = 2  # §4.2, Table 3: Local Visual Attention layers
     decoder_dim: int = 256  # CFS decoder width (release mask_decoder: 512 // 2)
-    N_c: int = 32  # §4.2, Table 4: response masks / coefficients
+    N_c: int = 32  # §4.2, Table 4: response masks / coefficients (tiny too: docs/asda.md#N_c)
     coef_grid: int = 26  # Φ_coef pools to coef_grid² cells + Linear (release: flatten 26x26)
     response_act: str = "sigmoid"  # on M' (Eq. 7); "relu": the release's (and YOLACT's)
     dropout: float = 0.1  # release: dropout 0.1 in both attention blocks
@@ -174,7 +173,7 @@ class Config:
     def tiny(cls) -> Config:
         """The 64 px demo: the shared tiny CLIP pretrained on the built-in world (pretrain.py)
         and the aligner scaled to its width. Every field set here is a demo choice, named
-        `tiny() only` in the module docstring; n and the 32-channel laterals stay the
+        `tiny() only` in the module docstring; N_c, n and the 32-channel laterals stay the
         paper's. vision_config / text_config equal the folder's architecture, so
         --no-pretrained builds the same model with random weights."""
         return cls(
@@ -209,7 +208,6 @@ class Config:
             wcg_ffn_dim=128,
             decoder_dim=32,  # dim / 2, as the release's 512 // 2 (docs/asda.md#decoder_dim)
             coef_grid=4,  # the 8x8 patch grid pooled to 4x4 cells (docs/asda.md#coef_grid)
-            N_c=8,  # docs/asda.md#N_c
             dropout=0.0,  # docs/asda.md#dropout
         )
 

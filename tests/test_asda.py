@@ -60,8 +60,7 @@ def row_config(table: str, key: str, **overrides) -> asda.Config:
 
 # The fields tiny() changes from paper(): the demo's choices. Each is named "tiny() only" in the
 # module docstring and has its evidence under docs/asda.md#<field> (encoders and image size aside).
-TINY_ONLY = {"dim", "num_heads", "ffn_dim", "wcg_ffn_dim", "decoder_dim", "coef_grid", "dropout",
-             "N_c"}  # fmt: skip
+TINY_ONLY = {"dim", "num_heads", "ffn_dim", "wcg_ffn_dim", "decoder_dim", "coef_grid", "dropout"}
 TINY_ENCODERS = {"image_size", "vocab_size", "vision_name", "text_name", "vision_config",
                  "text_config"}  # fmt: skip
 
@@ -82,7 +81,9 @@ def test_tiny_changes_only_the_documented_demo_choices():
     assert "tiny() only: 64 px" in card
 
 
-def test_paper_uses_the_releases_widths():
+def test_tiny_uses_the_papers_N_c_and_paper_the_releases_widths():
+    assert asda.Config.tiny().N_c == 32 == asda.Config.paper().N_c  # §4.2 (docs/asda.md#N_c)
+    assert "\n## N_c\n" in (ROOT / "docs" / "asda.md").read_text()
     paper = asda.Config.paper()
     # The paper is silent on widths: the release's (LVA FFN 512, WCG FFN 2048, dropout 0.1).
     assert (paper.dim, paper.num_heads, paper.ffn_dim, paper.wcg_ffn_dim) == (512, 8, 512, 2048)
