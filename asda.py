@@ -54,7 +54,7 @@ The release differs (the paper followed unless said):
 - both: Φ_coef ends in Eq. 9's 1x1 conv and a Linear with bias (release: 3x3 conv, no bias).
 - both: focal α 0.25, γ 2 of the cited [32] (release: α -1, γ 0, i.e. BCE) (#focal_weight)
 - both: RECIPE is the paper's (release: lr 2.5e-5 x batch/16, 32 epochs, x0.1 at 18, 28, AMP).
-- both: the tables' "IoU" ("overall IoU", §4.2) is mIoU in the release, Prec@X is IoU > X (#TABLES)
+- both: the tables' "IoU" ("overall IoU", §4.2) is the release's mIoU; TABLES name it so (#TABLES)
 - both: transformers resizes CLIP's positions (bicubic) per forward (release: bilinear, once).
 - both: max_tokens 22 for G-Ref is --set max_tokens=22 (release: 17 for every dataset).
 We deviate on purpose:
