@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel, SwinBackbone, SwinConfig
 
 import rela
+from common import weighted_ce_loss
 
 
 def small_cfg(**kw) -> rela.Config:
@@ -21,6 +22,19 @@ def small_cfg(**kw) -> rela.Config:
     text = {**tiny.text_config, "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64}
     kw = {"pretrained": False, "vision_config": vision, "text_config": text, "dec_layers": 2, **kw}
     return dataclasses.replace(tiny, hidden_dim=32, dec_ffn=64, encoder_ffn=64, **kw)
+
+
+SIZES = ("image_size", "vocab_size", "vision_config", "text_config", "hidden_dim",
+         "encoder_layers", "encoder_ffn", "gn_groups", "dec_layers", "num_heads",
+         "dec_ffn")  # fmt: skip
+
+
+def paper_small(**kw) -> rela.Config:
+    """Config.paper()'s choices (the paper, the release where it is silent) at small_cfg()'s
+    sizes with random encoders: the paper's architecture, fast and offline."""
+    small = small_cfg()
+    sizes = {name: getattr(small, name) for name in SIZES}
+    return dataclasses.replace(rela.Config.paper(), pretrained=False, **{**sizes, **kw})
 
 
 def make_batch(cfg: rela.Config, B: int = 2, seed: int = 0):
@@ -65,7 +79,7 @@ def test_ria_region_n_starts_looking_at_cell_n():
     """The positional term alone (no content): region n's attention peaks on cell n's pixels."""
     torch.manual_seed(0)
     P, C, h = 4, 32, 8  # 4×4 regions over an 8×8 map: cell (r, c) covers pixels 2r..2r+1
-    ria = rela.RIA(C, heads=2)
+    ria = rela.RIA(C, heads=2, pos_scale=8.0)  # tiny()'s positional term
     query_pos = rela.sine_position_encoding(P, P, C)  # the model's initial q_pos
     pos = rela.sine_position_encoding(h, h, C)
     F_r = torch.zeros(1, P * P, C)  # no content: only where the regions look
@@ -76,6 +90,22 @@ def test_ria_region_n_starts_looking_at_cell_n():
     assert A_ri[0, 0].max(-1).values.min() > 2 / (h * h)  # clearly more than uniform
     model = rela.build_model(small_cfg(P=P))
     torch.testing.assert_close(model.query_pos.weight, query_pos)
+
+
+def test_ria_release_positions_enter_query_and_keys():
+    """pos_scale = 0 (paper()): Mask2Former's placement, q_pos added to the query and the pixel's
+    sine position to the keys' input; no separate positional term."""
+    torch.manual_seed(0)
+    B, N, HW, C = 2, 9, 12, 16
+    ria = rela.RIA(C, heads=1)
+    assert ria.pos_scale == 0
+    Q_r, F_i = torch.randn(B, N, C), torch.randn(B, HW, C)
+    query_pos, pos = torch.randn(N, C), torch.randn(HW, C)
+    F_r_prime, A_ri = ria(Q_r, query_pos, F_i, pos, (3, 4))
+    K, V = F.gelu(ria.W_ik(F_i + pos)), F.gelu(ria.W_iv(F_i))
+    A = torch.softmax((Q_r + query_pos) @ K.transpose(1, 2) / math.sqrt(C), dim=2)
+    torch.testing.assert_close(A_ri[:, 0], A)
+    torch.testing.assert_close(F_r_prime, ria.norm(Q_r + A @ V))  # values carry no position
 
 
 def test_hard_split_averages_the_cells():
@@ -174,6 +204,134 @@ def test_gate_init_release_never_opens():
 
 
 # ---------------------------------------------------------------------------------------------
+# The paper path: paper()'s choices (the release's where the paper is silent)
+
+
+def _capture_heads(model) -> dict:
+    """Hooks that keep the heads' F_f, minimap logits and F_m of the next forward."""
+    got = {}
+    model.heads.region_filter.register_forward_hook(lambda m, i, o: got.update(F_f=o))
+    model.heads.minimap_head.register_forward_hook(lambda m, i, o: got.update(logits=o))
+    model.pixel_decoder.register_forward_hook(lambda m, i, o: got.update(F_m=o[0]))
+    return got
+
+
+def test_paper_mask_is_eq1_without_a_bias():
+    torch.manual_seed(0)
+    model = rela.build_model(paper_small()).eval()
+    assert model.heads.mask_bias is None
+    assert not any("mask_bias" in n for n, _ in model.named_parameters())
+    got = _capture_heads(model)
+    images, ids, am, _ = make_batch(model.cfg)
+    with torch.no_grad():
+        out = model(images, ids, am)
+    M_r = torch.einsum("bnc,bchw->bnhw", got["F_f"], got["F_m"])
+    x_r = got["logits"].softmax(-1)[..., 1]
+    torch.testing.assert_close(out["M_r"], M_r)
+    torch.testing.assert_close(out["mask_logits_raw"], rela.fuse_region_masks(x_r, M_r))  # Eq. 1
+    # tiny() adds the learnable bias b, started at the demo's 4% foreground share.
+    tiny = rela.build_model(small_cfg())
+    assert tiny.heads.mask_bias.item() == pytest.approx(math.log(0.04 / 0.96))
+
+
+def test_paper_heads_have_the_release_initialisation():
+    """PyTorch's default Linear init (U(±1/sqrt(C))), as released: no small filter layer, no
+    prior on the minimap head."""
+    torch.manual_seed(0)
+    paper, tiny = rela.build_model(paper_small()), rela.build_model(small_cfg())
+    C = paper.cfg.hidden_dim
+    last, minimap = paper.heads.region_filter[-1], paper.heads.minimap_head
+    assert 0.6 / math.sqrt(3 * C) < last.weight.std() < 1.4 / math.sqrt(3 * C)
+    assert last.bias.abs().max() > 0 and minimap.bias.abs().max() <= 1 / math.sqrt(C)
+    assert tiny.heads.region_filter[-1].weight.std() < 0.02  # tiny(): std 0.01
+    assert (tiny.heads.region_filter[-1].bias == 0).all()
+    torch.testing.assert_close(
+        tiny.heads.minimap_head.bias, torch.tensor([0.0, math.log(0.04 / 0.96)])
+    )
+
+
+def test_paper_minimap_loss_uses_the_release_rule():
+    torch.manual_seed(0)
+    for cfg, rule in ((paper_small(), "release"), (small_cfg(), "any")):
+        model = rela.build_model(cfg).train()
+        got = _capture_heads(model)
+        images, ids, am, targets = make_batch(cfg)
+        out = model(images, ids, am, targets)
+        expected = weighted_ce_loss(
+            got["logits"].transpose(1, 2),
+            rela.minimap_target(targets["masks"], cfg.P, rule),
+            cfg.class_weight,
+        )
+        torch.testing.assert_close(out["losses"]["minimap"], expected.detach())
+    # The batch's target is where the two rules differ (else this test could not fail).
+    masks = make_batch(small_cfg())[3]["masks"]
+    assert not torch.equal(rela.minimap_target(masks, 10), rela.minimap_target(masks, 10, "any"))
+
+
+def test_paper_gates_start_closed_for_good_and_positions_plain():
+    torch.manual_seed(0)
+    model = rela.build_model(paper_small())
+    for gate in model.vision.gates:  # the release: both gate Linears zero
+        assert (gate[0].weight == 0).all() and (gate[2].weight == 0).all()
+    C, P = model.cfg.hidden_dim, model.cfg.P
+    grid = rela.sine_position_encoding(P, P, C)
+    assert not torch.allclose(model.query_pos.weight, grid, atol=0.5)  # N(0, 1), as released
+    assert 0.8 < model.query_pos.weight.std() < 1.2
+    assert all(layer.ria.pos_scale == 0 for layer in model.layers)
+
+
+def _ria_biases(model, monkeypatch) -> list:
+    """The positional `bias` argument of every attention call in one forward."""
+    seen, original = [], rela.attention
+
+    def spy(*args, **kw):
+        seen.append(kw.get("bias"))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(rela, "attention", spy)
+    images, ids, am, _ = make_batch(model.cfg)
+    with torch.no_grad():
+        model.eval()(images, ids, am)
+    monkeypatch.setattr(rela, "attention", original)
+    return seen
+
+
+def test_without_minimap_the_queries_are_plain(monkeypatch):
+    """Table 2 #3: without the minimap the region queries are plain learnable queries: in tiny()
+    neither grid-started positions nor RIA's positional term (the full tiny() model has both)."""
+    torch.manual_seed(0)
+    P = 4
+    full = rela.build_model(small_cfg(P=P))
+    plain = rela.build_model(small_cfg(P=P, ablate=("no_minimap",)))
+    grid = rela.sine_position_encoding(P, P, full.cfg.hidden_dim)
+    torch.testing.assert_close(full.query_pos.weight, grid)
+    assert not torch.allclose(plain.query_pos.weight, grid, atol=0.5)
+    assert all(layer.ria.pos_scale == 8.0 for layer in full.layers)
+    assert all(layer.ria.pos_scale == 0 for layer in plain.layers)
+    assert all(b is not None for b in _ria_biases(full, monkeypatch)[::2])  # RIA calls
+    assert all(b is None for b in _ria_biases(plain, monkeypatch))
+    # The row builds this model: its TABLES entry is the no_minimap switch and nothing else.
+    assert rela.TABLES["Table 2"]["#3 w/o minimap"]["ablate"] == ("no_minimap",)
+    assert "set" not in rela.TABLES["Table 2"]["#3 w/o minimap"]
+
+
+def test_without_minimap_the_paper_model_only_drops_the_loss():
+    """paper()'s queries are plain already (the release's): no_minimap is then the loss alone."""
+    torch.manual_seed(0)
+    cfg = paper_small()
+    base = rela.build_model(cfg).eval()
+    ablated = rela.build_model(dataclasses.replace(cfg, ablate=("no_minimap",))).eval()
+    ablated.load_state_dict(base.state_dict())
+    images, ids, am, targets = make_batch(cfg)
+    with torch.no_grad():
+        a, b = base(images, ids, am, targets), ablated(images, ids, am, targets)
+    torch.testing.assert_close(a["mask_logits"], b["mask_logits"])
+    torch.testing.assert_close(
+        b["loss"], cfg.loss_scale * (b["losses"]["mask"] + 0.1 * b["losses"]["no_target"])
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Initialisation, diagnostics, panels
 
 
@@ -228,6 +386,45 @@ def test_diagnostics_on_a_hand_made_case():
     assert rela.diagnostics(out, {"mask": masks})["minimap_auc"] == pytest.approx(70 / 87)
     d = rela.diagnostics(out, {"mask": torch.zeros(3, 16, 16)})  # no targeted sample
     assert math.isnan(d["minimap_auc"]) and math.isnan(d["x_r_target"])
+
+
+def test_region_mask_locality_on_a_hand_made_case():
+    """Sample 0: each top region's mask is its own cell (regional); sample 1: the three top
+    regions all draw the whole target; sample 2 has no target (not counted)."""
+    P, h = 4, 8  # 4×4 cells over an 8×8 mask map: a cell is 2×2 pixels
+    x_r = torch.zeros(3, P, P)
+    x_r[0, 0, 0], x_r[0, 1, 1], x_r[0, 2, 2] = 0.9, 0.8, 0.7  # regions 0, 5, 10
+    x_r[1, 3, 3], x_r[1, 3, 2], x_r[1, 2, 3] = 0.9, 0.8, 0.7  # regions 15, 14, 11
+    masks = torch.zeros(3, 16, 16)
+    masks[0] = 1  # the whole image: its share is the neighbourhood's area
+    masks[1, 12:16, 8:16] = 1  # cells (3, 2), (3, 3): pixels rows 6-7, cols 4-7 at stride 2
+    M_r = torch.full((3, P * P, h, h), -30.0)
+    for n in (0, 5, 10):
+        r, c = n // P, n % P
+        M_r[0, n, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = 30.0
+    M_r[1, :, 6:8, 4:8] = 30.0  # every region draws the target
+    local = rela._region_mask_stats(M_r, x_r, masks)
+    # 3×3 cells around (0, 0), (1, 1), (2, 2): 2×2, 3×3, 3×3 cells of 16 -> 4, 9, 9 of 16.
+    even = (4 + 9 + 9) / 16 / 3
+    assert local["local"][0] == pytest.approx(1.0)  # regional: all mass in its own cell
+    assert local["local_gt"][0] == pytest.approx(even) and local["local_even"][0] == pytest.approx(
+        even
+    )
+    assert local["cos"][0] == pytest.approx(0.0, abs=1e-6)  # three disjoint masks
+    # Whole-target masks: exactly the ground truth's share, three identical maps.
+    assert local["local"][1] == pytest.approx(local["local_gt"][1])
+    assert local["local_gt"][1] == pytest.approx(1.0)  # the target lies within one cell of each
+    assert local["cos"][1] == pytest.approx(1.0)
+    assert local["rank1"][1] == pytest.approx(1.0)  # one map, N times
+    torch.manual_seed(0)
+    noise = rela._region_mask_stats(torch.randn(3, P * P, h, h), x_r, masks)["rank1"]
+    assert (noise < 0.2).all()  # 16 random maps: about 1/16 each
+    out = {"minimap": x_r, "M_r": M_r, "F_r": torch.randn(3, P * P, 4)}
+    out["F_r_prime"] = out["F_r"]
+    d = rela.diagnostics(out, {"mask": masks})
+    assert d["region_mask_local"] == pytest.approx(1.0)  # mean of samples 0 and 1 only
+    assert d["region_mask_cos"] == pytest.approx(0.5, abs=1e-6)
+    assert d["region_mask_local_gt"] == pytest.approx((even + 1) / 2)
 
 
 def test_auc_matches_pairwise_definition():
@@ -365,19 +562,18 @@ def test_padding_tokens_do_not_change_the_output():
     torch.testing.assert_close(a["no_target_logits"], b["no_target_logits"])
 
 
-def test_fusion_weight_logit_is_fg_minus_bg():
+@pytest.mark.parametrize("preset", [small_cfg, paper_small])
+def test_fusion_weight_logit_is_fg_minus_bg(preset):
     torch.manual_seed(0)
-    model = rela.build_model(small_cfg(fusion_weight="logit")).eval()
+    model = rela.build_model(preset(fusion_weight="logit")).eval()
     images, ids, am, _ = make_batch(model.cfg)
-    captured = {}
-    model.heads.region_filter.register_forward_hook(lambda m, i, o: captured.update(F_f=o))
-    model.heads.minimap_head.register_forward_hook(lambda m, i, o: captured.update(logits=o))
-    model.pixel_decoder.register_forward_hook(lambda m, i, o: captured.update(F_m=o[0]))
+    captured = _capture_heads(model)
     with torch.no_grad():
         M = model(images, ids, am)["mask_logits_raw"]
     M_r = torch.einsum("bnc,bchw->bnhw", captured["F_f"], captured["F_m"])
     two_channel = torch.einsum("bna,bnhw->bahw", captured["logits"], M_r)  # released (bg, fg)
-    bias = model.heads.mask_bias  # our prior bias (a deviation), the same on every pixel
+    # tiny()'s prior bias (a deviation) is the same on every pixel; paper() has none.
+    bias = model.heads.mask_bias if model.heads.mask_bias is not None else 0.0
     torch.testing.assert_close(M[:, 0] - bias, two_channel[:, 1] - two_channel[:, 0])
 
 
@@ -392,14 +588,14 @@ def test_each_ablation_changes_the_computation(name):
     images, ids, am, targets = make_batch(cfg)
     with torch.no_grad():
         a, b = base(images, ids, am, targets), ablated(images, ids, am, targets)
-    if name == "no_minimap":  # a loss-only switch: same prediction, no minimap term
-        torch.testing.assert_close(a["mask_logits"], b["mask_logits"])
+    # no_minimap in tiny(): no minimap term, and no grid-started positions (paper(): loss only,
+    # test_without_minimap_the_paper_model_only_drops_the_loss)
+    assert not torch.allclose(a["mask_logits_raw"], b["mask_logits_raw"])
+    assert not torch.allclose(a["loss"], b["loss"])
+    if name == "no_minimap":
         torch.testing.assert_close(
             b["loss"], cfg.loss_scale * (b["losses"]["mask"] + 0.1 * b["losses"]["no_target"])
         )
-    else:
-        assert not torch.allclose(a["mask_logits_raw"], b["mask_logits_raw"])
-    assert not torch.allclose(a["loss"], b["loss"])
 
 
 @contextlib.contextmanager
@@ -425,6 +621,10 @@ def test_unknown_ablation_and_bad_options_raise():
         rela.build_model(small_cfg(minimap_rule="centre"))
     with pytest.raises(ValueError, match="gate_init"):
         rela.build_model(small_cfg(gate_init="open"))
+    with pytest.raises(ValueError, match="prior must be in"):
+        rela.build_model(small_cfg(prior=1.0))
+    with pytest.raises(ValueError, match="pos_scale must be in"):
+        rela.build_model(small_cfg(pos_scale=-1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +641,9 @@ def test_tables_format():
         assert len(set(ids)) == len(ids), table  # --row "<table> <id>" is unambiguous
         assert sum(bool(r.get("baseline")) for r in rows.values()) <= 1, table
         for key, row in rows.items():
-            assert set(row) <= {"ablate", "set", "paper", "baseline", "skip", "note"}, key
+            allowed = {"ablate", "set", "recipe", "split", "paper", "baseline", "skip", "note"}
+            assert set(row) <= allowed, key
+            assert set(row.get("recipe", {})) <= set(rela.RECIPE) | {"epochs", "image_size"}
             assert row["paper"] and all(0 < v <= 100 for v in row["paper"].values()), key
             assert isinstance(row.get("skip", ""), str)
             assert all(a in rela.ABLATIONS for a in row.get("ablate", ())), key
@@ -449,6 +651,40 @@ def test_tables_format():
     assert rela.TABLES["Table 6"]["ReLA-50pix no-target head off, <50 px = no-target"]["set"] == {
         "no_target_pixels": 50.0
     }
+
+
+def _same_build_conflicts(tables: dict) -> list[str]:
+    """Rows that build the same model (paper()'s Config with the row's ablate set and overrides,
+    the same recipe overrides, the same split) but carry different paper numbers."""
+    builds: dict[str, tuple[str, dict]] = {}
+    conflicts = []
+    for table, rows in tables.items():
+        for key, row in rows.items():
+            if "skip" in row:
+                continue
+            cfg = dataclasses.replace(
+                rela.Config.paper(),
+                ablate=tuple(sorted(row.get("ablate", ()))),
+                **row.get("set", {}),
+            )
+            build = repr((cfg, sorted(row.get("recipe", {}).items()), row.get("split", "val")))
+            name, numbers = builds.setdefault(build, (f"{table} {key}", {}))
+            for metric, value in row["paper"].items():
+                if numbers.setdefault(metric, value) != value:
+                    conflicts.append(f"{table} {key}: {metric} {value} vs {name}")
+    return conflicts
+
+
+def test_one_build_carries_one_paper_number():
+    assert _same_build_conflicts(rela.TABLES) == []
+    # The full model appears in Tables 2-6 (else the check above would compare nothing).
+    full = [(t, k) for t, k, r in _rows() if "skip" not in r and not r.get("ablate")]
+    full = [(t, k) for t, k in full if rela.TABLES[t][k].get("set", {}) in ({}, {"P": 10})]
+    assert {t for t, _ in full} == {"Table 2", "Table 3", "Table 4", "Table 5", "Table 6"}
+    # The check fails on the tables as they were before (Table 5 gave 61.32 to the full model).
+    lavt_rela = {"LAVT+ReLA": {"ablate": (), "paper": {"gIoU": 61.32}}}
+    doctored = {"Table 2": rela.TABLES["Table 2"], "Table 5": lavt_rela}
+    assert _same_build_conflicts(doctored) == ["Table 5 LAVT+ReLA: gIoU 61.32 vs Table 2 #4 ReLA"]
 
 
 @pytest.mark.parametrize(
@@ -517,6 +753,10 @@ def test_paper_config_is_the_paper_architecture():
     bert = BertConfig(**cfg.text_config)
     assert (bert.hidden_size, bert.num_hidden_layers, bert.vocab_size) == (768, 12, 30522)
     assert cfg.pretrained and cfg.text_name == "bert-base-uncased"
+    # The release's choices where the paper is silent; none of the demo's.
+    assert (cfg.gate_init, cfg.minimap_rule, cfg.fusion_weight) == ("release", "release", "prob")
+    assert cfg.prior == cfg.minimap_prior == cfg.filter_init_std == cfg.pos_scale == 0
+    assert cfg.ablate == () and cfg.no_target_pixels == 0
 
 
 def test_tiny_config_loads_the_shared_pretrained_encoders():
@@ -535,6 +775,9 @@ def test_tiny_config_loads_the_shared_pretrained_encoders():
     assert (list(swin.num_heads), swin.window_size, swin.mlp_ratio) == ([1, 2, 4, 8], 4, 4.0)
     assert (bert.hidden_size, bert.num_hidden_layers, bert.num_attention_heads) == (64, 4, 4)
     assert (bert.intermediate_size, bert.max_position_embeddings) == (256, 32)
+    # The demo's choices (docs/rela.md, one heading each).
+    assert (cfg.gate_init, cfg.minimap_rule, cfg.pos_scale) == ("learnable", "any", 8.0)
+    assert (cfg.prior, cfg.minimap_prior, cfg.filter_init_std) == (0.04, 0.04, 0.01)
 
 
 def test_from_pretrained_local_directories(tmp_path):
