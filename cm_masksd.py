@@ -1,24 +1,24 @@
 """CM-MaskSD: Cross-Modality Masked Self-Distillation for Referring Image Segmentation.
 
-Paper: "CM-MaskSD: Cross-Modality Masked Self-Distillation for Referring Image Segmentation",
 Wenxuan Wang, Jing Liu, Xingjian He, Yisi Zhang, Chen Chen, Jiachen Shen, Yan Zhang, Jiangyun Li.
 IEEE Transactions on Multimedia 2024. https://arxiv.org/abs/2305.11481 · no public code (the
-repository https://github.com/Rubics-Xuan/CM-MaskSD holds a README only). The main branch is CRIS
-(https://github.com/DerrickWang005/CRIS.pytorch) on CLIP ViT-B/16.
+repository https://github.com/Rubics-Xuan/CM-MaskSD holds a README only); the main branch follows
+CRIS (https://github.com/DerrickWang005/CRIS.pytorch). Evidence and runs: docs/cm_masksd.md.
 
-Idea. The main branch (§3.1) is a CRIS segmenter on CLIP: image and text encoders (Eq. 1), a neck
-that fuses three ViT layers with the sentence feature, a vision-language decoder that lets every
-pixel attend to the words, and a dynamic-kernel projector (Eq. 2). Training (§3.2) adds two masked
-copies of the same network. LMVSD ranks the image patches by their correlation with the sentence,
-keeps the top T = TopK·N ("correlation filtering"), replaces α·T of them, chosen at random, by one
-learnable token at the embedding level, runs the image encoder, neck and decoder again and asks the
-result to match the main branch's prediction (Eq. 3-5). VMLSD does the same to the words, ranked by
-their correlation with the image's class token (Eq. 6-8). Loss = BCE(M_seg, GT) + λ1 BCE(M_LMVSD,
-M_seg) + λ2 BCE(M_VMLSD, M_seg) (Eq. 9). Inference runs the main branch only. The masking only
-teaches something if the top-T lies on the referred object: `diagnostics` measures that share.
+Idea. A CRIS segmenter on CLIP ViT-B/16 (§3.1: the two encoders, Eq. 1; a neck that fuses the
+patches with the sentence and a vision-language decoder that lets every pixel read the words,
+Eq. 2) trains next to two masked copies of itself that share its weights (§3.2). LMVSD ranks the
+patches by their correlation with the sentence (Eq. 3), keeps the top T = TopK·N, replaces α·T of
+them, at random, by a learnable token at the embedding level (Eq. 4) and runs the image encoder,
+neck and decoder again (Eq. 5). VMLSD does the same to the words, ranked by their correlation with
+the image's class token (Eq. 6-8). Eq. 9: Loss = BCE(M_seg, GT) + λ1 BCE(M_LMVSD, M_seg) +
+λ2 BCE(M_VMLSD, M_seg). Inference runs the main branch only. The masking teaches something only
+if the top-T lies on the referent: `diagnostics` measures that against another sentence's ranking.
+In the demo Eq. 3 puts the objects first whatever the sentence; the sentence moves its referent
+only a little ahead of the other objects (docs/cm_masksd.md#guidance).
 
-Symbols (paper -> code), shapes with B batch, L tokens, N = h*w patches, C_v / C_t the encoder
-widths, P = projection_dim (CLIP's joint space, the paper's C), d the decoder width:
+Symbols (paper -> code); B batch, L tokens, N = h*w patches, C_v / C_t the encoder widths,
+P = projection_dim (CLIP's joint space, the paper's C), d = neck_dims[1] the decoder width:
     I, T                      images, input_ids       (B, 3, H, W), (B, L)
     E_I, E_T                  patch / token embeddings (inside the HF encoders; masked by hooks)
     V_local = (v_0..v_N-1)    V_local                 (B, N, P)   last layer, post-LN, projected
@@ -35,79 +35,42 @@ widths, P = projection_dim (CLIP's joint space, the paper's C), d the decoder wi
     v', w'                    patch_mask_token, word_mask_token  (C_v,), (C_t,)
     λ1, λ2                    cfg.lmvsd_weight, cfg.vmlsd_weight
 
-Training recipe (§4.2; `RECIPE`, used by `train.py --recipe paper`): Adam, batch 32, weight decay
-5e-4, 100 epochs with 10 warm-up epochs, lr 1e-5 with cosine decay; 480 px for the ablations
-(Tables 2-5), 576 px (ViT-B/16) and 532 px (ViT-L/14, `Config.paper_vit_l()`) for Table 1. The
-built-in demo uses train.py's DEMO_RECIPE instead (a CPU budget of 3000 steps).
+Recipe (§4.2, RECIPE, `--recipe paper`): Adam, lr 1e-5 cosine after 10 warm-up epochs, 100 epochs,
+batch 32, weight decay 5e-4; 480 px for Tables 2-5, Table 1 576 px (ViT-B) / 532 px (ViT-L,
+`Config.paper_vit_l()`), carried by its rows' "recipe". The demo uses train.py's DEMO_RECIPE.
 
-Tables (`TABLES`, `train.py --row "Table 5 2"`): Tables 2-5 (RefCOCO val, 480 px) and Table 1's
-two rows. The paper measured Table 2's single-branch rows and all of Tables 3-4 WITHOUT weight
-sharing (their numbers are Table 5's unshared rows), so those rows add `no_sharing`.
-`random_mask` is a control of ours, not a paper row.
-
-Differences from the paper (there is no released code, so every line is ours).
-The paper is silent:
-- Correlation space: CLIP's joint space: V_local = post_layernorm(patches) @ visual_projection,
-  w_global = [EOS] @ text_projection; for Eq. 6 v_global = post_layernorm([class]) @
-  visual_projection and every word w_i is text-projected too.
-- Correlation normalisation: cosine (both sides L2-normalised, CLIP's own similarity) instead of
-  the raw dot product written in Eq. 3 / 6; only the token norms change the ranking.
-- The correlation is computed from the main branch's features without gradient (the top-T
-  selection is discrete anyway).
-- Mask token placement: v' replaces a patch embedding (the conv output) and w' a token embedding
-  BEFORE the position embedding is added (SimMIM / BEiT style), so a masked token keeps its
-  position; done by forward hooks on the HF embedding layers, without copying library code.
-- Counts: T = ⌊TopK·N + ½⌋; the masked count α·T is rounded stochastically, n_mask = ⌊α·T + u⌋
-  with u ~ U[0, 1), so that E[n_mask] = α·T exactly. Plain rounding masks one word for every
-  RefCOCO-length expression whatever α is (Table 4(b) would then be five copies of one run).
-- Words: N counts the real words only ([SOS], [EOS] and padding are never ranked or masked); if
-  a whole batch draws no masked word, the sample with the largest draw masks one (the paper's
-  branch always masks something), which adds < 1/B words per sample in expectation.
-- Which α·T of the top-T are masked: uniform at random per sample, fresh at every step.
-- v' and w' ("randomly initialized learnable tokens") start from N(0, 0.02²).
-- Stop-gradient: the distillation target is sigmoid(M_seg).detach() (soft BCE targets); MaskRIS
-  detaches its clean-branch target too.
-- Unshared variant (Table 5, `no_sharing`): each masked branch gets its own neck, decoder and
-  projector (the text names "neck module and vision-language decoder"); CLIP stays shared.
-- The projector's dynamic kernel comes from each branch's own sentence feature (w'_global in
-  VMLSD), as CRIS's projector uses the sentence state.
-- Loss_seg compares M_seg, upsampled (bilinear) to the GT's resolution, with the GT; CRIS
-  shrinks the GT to its stride-4 logits by nearest neighbour instead. At the 64 px demo a GT
-  shrunk to the 32 x 32 logits keeps one pixel in four of an 8-17 px object and caps the IoU at
-  0.81 (0.96 upsampled); measured default run (5000 steps): mIoU 0.428 with the shrunk GT. The
-  distillation losses stay at the logits' resolution (their teacher is M_seg itself).
-The paper's text is inconsistent:
-- Eq. 8 as printed swaps the modalities; we read the prose: W'_local, w'_global = CLIP text
-  encoder(W_masked), F_VMLSD = Neck(V_local, w'_global), M_VMLSD = Decoder(F_VMLSD, W'_local).
+Differences; where each applies; the evidence is under docs/cm_masksd.md#<name>.
+The paper is silent (one stated choice, `paper()` and `tiny()`):
+- Eq. 3 / 6 compare in CLIP's joint space: projected post-LN patches and [EOS]; words projected too
+- The correlation is read from the main branch's features without gradient (#correlation_space)
+- mask_count: `paper()` masks ⌊α·T + ½⌋ tokens, at least one, of every sample's top-T (#mask_count)
+- T = ⌊TopK·N + ½⌋; words are the real words only, never [SOS], [EOS] or padding (#mask_count)
+- Which α·T are masked: uniform at random per sample, fresh at every step (#mask_tokens)
+- v' / w' replace the patch / token embedding before the position embedding, N(0, 0.02²) start
+- The teacher is sigmoid(M_seg).detach(), a soft BCE target at the logits' size (#teacher)
+- no_sharing (Table 5): each masked branch gets its own neck, decoder and projector (#no_sharing)
+- The projector's kernel comes from each branch's own sentence feature (#no_sharing)
+- vision_taps: ViT layers 4 and 8 as CRIS's C3 / C4 (as ETRIS), V_local as C5 (#vision_taps)
+The release (CRIS) differs, we follow the paper (`paper()` and `tiny()`):
+- CRIS ships ResNet CLIP; the neck reads ViT taps of one stride, no 2x up / pooling (#neck)
+- RECIPE is §4.2's, not CRIS's (Adam 1e-4, 50 epochs, step decay at 35) (#recipe)
+- Eq. 9's Loss_seg "following CRIS": seg_loss_at = "logits", the GT shrunk to M_seg (#seg_loss_at)
 We deviate on purpose:
-- Main branch = the CRIS release (neck, decoder with its extra LayerNorms, projector) on HF CLIP;
-  the neck takes the raw residual stream of two ViT layers (C_v wide, class token dropped, as
-  ETRIS) and V_local, without CRIS's 2x up-sampling of f5 and 2x2 pooling of f3 (all ViT taps
-  share one stride); neck output stride = patch size, logits 4x finer (as CRIS).
-- One CLIPModel holds both towers and both projections: Eq. 3 / 6 compare the two towers, which
-  only means something inside one CLIP. The projections stay inside it, so train.py gives them
-  the encoder learning rate (as CRIS trains CLIP's projections with the backbone).
-- Decoder words are W_local (CLIP's final LN, no projection, as CRIS); a Linear maps them to d
-  only when C_t differs from d (identity for ViT-B/16, whose text width is 512).
-- Calibrated start (tiny: mask_prior 0.03, the shapes' foreground share): the projector's
-  generated bias starts at log(p / (1 - p)) and its kernels at 0.1x, so the first BCE is the
-  prior's entropy (0.14) instead of 1-2 nats; the paper preset keeps CRIS's init (None).
-- BatchNorm running statistics of a shared neck/projector are updated by all three branches;
-  as in CRIS, the neck's BatchNorm1d on the sentence needs training batches of two or more.
-- In eval mode the loss is the main BCE only; with targets the masked choices are still made
-  (no extra encoder pass) and returned, for `diagnostics` and samples.png.
-- Image size 480 (the paper's ablation setting; Table 1 rows set 576 / 532); CLIP's position
-  table is resized bicubically by transformers (interpolate_pos_encoding=True). 17 tokens (22 for
-  G-Ref: `--set max_tokens=22`).
-- Demo (`Config.tiny()`): the repository's tiny CLIP pretrained on the synthetic world
-  (pretrained/tiny-clip: 10 ViT layers of width 64, 8x8 patches at 64 px, a 4-layer text tower);
-  taps = layers 3 and 7, a third and two thirds of the depth as ViT-B/16's 4 and 8 of 12.
-
-torch.compile: the two embedding hooks are registered once and read the current mask from the
-model, so a training step traces into one graph: `torch._dynamo.explain` on the tiny model finds
-1 graph and 0 breaks from the second call on (hooks added and removed per branch, as before:
-6 graphs, 5 breaks). The first call alone breaks 3 times inside transformers, which installs its
-output_hidden_states capture under a lock once per model.
+- Eq. 8 as printed swaps the modalities; we read the prose (`paper()` and `tiny()`) (#eq8)
+- One CLIPModel holds both towers; its projections train at the encoder lr (both) (#one_clip)
+- BatchNorm statistics of the shared neck / projector see all three branches (both) (#batchnorm)
+- Eval with targets: the loss is Loss_seg, the choices are still made (both) (#diagnostics)
+- correlation: `tiny()` only, cosine instead of Eq. 3 / 6's dot product (#correlation)
+- mask_count: `tiny()` only, ⌊α·T + u⌋, u ~ U[0, 1), at least one word per batch (#mask_count)
+- seg_loss_at: `tiny()` only, "gt": M_seg upsampled (bilinear) to the GT (#seg_loss_at)
+- mask_prior: `tiny()` only, the projector starts at the foreground share (#mask_prior)
+- decoder_layers: `tiny()` only, 1 (CRIS: 3) (#decoder_layers)
+- decoder_ffn: `tiny()` only, 64 (CRIS: 2048) (#decoder_ffn)
+- decoder_heads: `tiny()` only, 2 (CRIS: 8) (#decoder_heads)
+- neck_dims: `tiny()` only, (16, 32, 64) (CRIS: (256, 512, 1024)) (#neck_dims)
+- dropout: `tiny()` only, 0 (CRIS: 0.1) (#dropout)
+- vision_name: `tiny()` only, pretrained/tiny-clip at 64 px, taps 3 and 7 (#vision_name)
+- Mask tokens enter by two persistent forward hooks, one graph for torch.compile (#hooks)
 """
 
 from __future__ import annotations
@@ -136,54 +99,23 @@ ABLATIONS: dict[str, str] = {
 # Non-boolean ablations are Config fields: lmvsd_alpha / lmvsd_topk / lmvsd_weight (Table 3),
 # vmlsd_alpha / vmlsd_topk / vmlsd_weight (Table 4); both branches off = Table 2's baseline.
 
-# CLIP ViT-B/16 written out, so pretrained=False builds the paper architecture offline.
-VIT_B16_VISION = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    patch_size=16,
-    image_size=224,
-)
-VIT_B16_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    max_position_embeddings=77,
-    eos_token_id=2,  # HF's legacy value, as the Hub config: [EOS] is found by argmax of the ids
-)
-# Table 1's second row: CLIP ViT-L/14 at 532 px (the Config overrides, also `Config.paper_vit_l`).
-VIT_L14_532 = dict(
-    image_size=532,  # §4.2 "532×532 for ViT-Large"
-    vision_name="openai/clip-vit-large-patch14",
-    text_name="openai/clip-vit-large-patch14",
-    vision_config=dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        patch_size=14,
-        image_size=224,
-    ),
-    text_config=dict(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        eos_token_id=2,
-    ),
-    projection_dim=768,
-    vision_taps=(8, 16),  # a third and two thirds of 24 layers, as 4 and 8 of ViT-B/16's 12
-)
+# CLIP ViT-B/16 written out, so pretrained=False builds the paper architecture offline. Text
+# eos_token_id 2 is HF's legacy value, as the Hub config: [EOS] is found by argmax of the ids.
+VIT_B16_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12, patch_size=16, image_size=224)  # fmt: skip
+VIT_B16_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                    num_attention_heads=8, max_position_embeddings=77, eos_token_id=2)  # fmt: skip
+# pretrained/tiny-clip's architecture (tiny()), so pretrained=False builds the same model; its
+# [SOS] = V-2 and [EOS] = pad = V-1 are filled in from vocab_size by load_clip.
+TINY_VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=10,
+                   num_attention_heads=4, patch_size=8, image_size=64)  # fmt: skip
+TINY_TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 max_position_embeddings=32)  # fmt: skip
 
 
 @dataclass
 class Config:
-    image_size: int = 480  # paper §4.2: 480x480 for the ablations (576 for Table 1)
+    image_size: int = 480  # paper §4.2: 480x480 for the ablations (Table 1's rows: 576 / 532)
     max_tokens: int = 17  # paper §4.2 (following CRIS): 17 RefCOCO(+), 22 G-Ref, incl. SOS/EOS
     vocab_size: int = 49408  # CLIP BPE; train.py overwrites it with len(tokenizer)
     threshold: float = 0.35  # paper §4.2: "binarized with a threshold of 0.35"
@@ -198,9 +130,9 @@ class Config:
     vision_taps: tuple[int, int] = (4, 8)  # 1-based ViT layers v3, v4 (ETRIS); v5 = last layer
     neck_dims: tuple[int, int, int] = (256, 512, 1024)  # CRIS fpn_out
     decoder_layers: int = 3  # CRIS: 3 layers, d = neck_dims[1] = 512
-    decoder_heads: int = 8
-    decoder_ffn: int = 2048
-    dropout: float = 0.1
+    decoder_heads: int = 8  # CRIS
+    decoder_ffn: int = 2048  # CRIS
+    dropout: float = 0.1  # CRIS
     # None = CRIS's (PyTorch's default) projector init; p = a calibrated start at foreground p
     mask_prior: float | None = None
     # --- LMVSD (§3.2, Eq. 3-5, Table 3) ---
@@ -211,6 +143,16 @@ class Config:
     vmlsd_alpha: float = 0.1
     vmlsd_topk: float = 0.5
     vmlsd_weight: float = 0.1  # λ2 in Eq. 9
+    # --- both masked branches ---
+    # Eq. 3 / 6: "dot" as printed ("· denotes the dot product"), or "cosine" (unit-length sides)
+    correlation: str = "dot"
+    # How α·T becomes a count (Eq. 4 / 7): "nearest" = ⌊α·T + ½⌋ and at least one per sample with
+    # T > 0; "stochastic" = ⌊α·T + u⌋, u ~ U[0, 1) (E = α·T), VMLSD at least one word per batch
+    mask_count: str = "nearest"
+    # --- the loss (§3.3, Eq. 9) ---
+    # Loss_seg: "logits" = the GT resized (nearest) to M_seg's size, as CRIS; "gt" = M_seg
+    # upsampled (bilinear) to the GT's size
+    seg_loss_at: str = "logits"
 
     @classmethod
     def paper(cls) -> Config:
@@ -220,11 +162,12 @@ class Config:
     @classmethod
     def paper_vit_l(cls) -> Config:
         """Table 1's CLIP ViT-L/14 row at 532 px."""
-        return cls(**VIT_L14_532)
+        return cls(**VIT_L14, image_size=532)  # §4.2 "532×532 for ViT-Large"
 
     @classmethod
     def tiny(cls) -> Config:
-        """The demo: the repository's tiny CLIP pretrained on the synthetic world, at 64 px."""
+        """The demo: the repository's tiny CLIP pretrained on the synthetic world, at 64 px, and
+        every choice made to make it learn on a CPU (docs/cm_masksd.md, one heading each)."""
         return cls(
             image_size=64,
             max_tokens=17,
@@ -232,210 +175,131 @@ class Config:
             pretrained=True,
             vision_name="pretrained/tiny-clip",
             text_name="pretrained/tiny-clip",
-            # = pretrained/tiny-clip's architecture, so pretrained=False builds the same model.
-            vision_config=dict(
-                hidden_size=64,
-                intermediate_size=256,
-                num_hidden_layers=10,
-                num_attention_heads=4,
-                patch_size=8,
-                image_size=64,
-            ),
-            # [SOS] = V-2, [EOS] = pad = V-1 are filled in from vocab_size by load_clip.
-            text_config=dict(
-                hidden_size=64,
-                intermediate_size=256,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                max_position_embeddings=32,
-            ),
+            vision_config=dict(TINY_VISION),
+            text_config=dict(TINY_TEXT),
             projection_dim=64,
             vision_taps=(3, 7),  # a third and two thirds of 10 layers (ViT-B/16: 4 and 8 of 12)
             neck_dims=(16, 32, 64),  # d = 32: the heads run three times per step on a CPU
-            decoder_layers=1,
-            decoder_heads=2,
-            decoder_ffn=64,
-            dropout=0.0,
-            mask_prior=0.03,  # the shapes' foreground share: first BCE 0.14, not 1-2
+            decoder_layers=1,  # CRIS: 3
+            decoder_heads=2,  # CRIS: 8
+            decoder_ffn=64,  # CRIS: 2048
+            dropout=0.0,  # CRIS: 0.1
+            mask_prior=0.03,  # the shapes' foreground share
+            correlation="cosine",  # Eq. 3 / 6 as CLIP compares (the paper: dot product)
+            mask_count="stochastic",  # E[n_mask] = α·T on 2-9 word sentences
+            seg_loss_at="gt",  # a GT shrunk to 32 x 32 logits loses the small shapes' outline
         )
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's tables (RefCOCO val, 480 px, CLIP ViT-B/16). "IoU" follows CRIS, the mean of the
-# per-expression IoUs (mIoU here); Pr@X = Prec@X. Tables 2-4 were measured without weight
-# sharing wherever one branch is used alone (Table 5 shows the same numbers as "unshared").
-
-_L, _V, _U = "no_lmvsd", "no_vmlsd", "no_sharing"
+# §3.2 LMVSD (Eq. 3-4) and VMLSD (Eq. 6-7): correlation filtering and random masking. The masked
+# branches themselves (Eq. 5 / 8) are CMMaskSD.lmvsd_branch / vmlsd_branch.
 
 
-def _p(pr5: float, pr7: float, pr9: float, iou: float) -> dict[str, float]:
-    """The paper's Pr@0.5, Pr@0.7, Pr@0.9 and IoU columns."""
-    return {"Prec@0.5": pr5, "Prec@0.7": pr7, "Prec@0.9": pr9, "mIoU": iou}
+@torch.no_grad()
+def correlation(query: torch.Tensor, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """Eq. 3 / Eq. 6: query (B, C) · every token (B, N, C) -> (B, N); kind "dot" or "cosine"."""
+    query, tokens = query.float(), tokens.float()
+    if kind == "cosine":  # drops the token norms from the ranking (the query's: one per sample)
+        query, tokens = F.normalize(query, dim=-1), F.normalize(tokens, dim=-1)
+    return torch.einsum("bc,bnc->bn", query, tokens)
 
 
-TABLES: dict[str, dict[str, dict]] = {
-    "Table 1": {  # main results, IoU; the paper's only numbers for the full model at full size
-        "ViT-B CLIP ViT-B/16 at 576 px": {
-            "set": {"image_size": 576}, "paper": {"mIoU": 72.18},  # RefCOCO val
-            "note": "RefCOCO val/testA/testB 72.18/75.21/67.91, RefCOCO+ 64.47/69.29/56.55, "
-            "G-Ref val/test 62.67/62.69", "baseline": True},
-        "ViT-L CLIP ViT-L/14 at 532 px": {
-            "set": dict(VIT_L14_532), "paper": {"mIoU": 74.89},  # RefCOCO val
-            "note": "RefCOCO 74.89/77.54/71.28, RefCOCO+ 67.47/71.80/59.91, G-Ref 66.53/66.63"},
-    },
-    "Table 2": {  # design of masked self-distillation manner
-        "baseline no masked branch": {
-            "ablate": (_L, _V), "paper": _p(82.73, 70.82, 17.99, 70.45), "baseline": True},
-        "+LMVSD LMVSD only (unshared, = Table 5)": {
-            "ablate": (_V, _U), "paper": _p(83.90, 73.54, 20.08, 71.45)},
-        "+VMLSD VMLSD only (unshared, = Table 5)": {
-            "ablate": (_L, _U), "paper": _p(83.09, 71.77, 18.64, 70.98)},
-        "+both LMVSD and VMLSD (shared, the full model)": {
-            "ablate": (), "paper": _p(83.29, 73.15, 21.45, 71.68)},
-    },
-    "Table 3": {  # LMVSD alone, unshared; base α 0.25, TopK 0.5, λ1 0.75
-        "(a)lambda1=0.1": {"ablate": (_V, _U), "set": {"lmvsd_weight": 0.1},
-                      "paper": _p(83.20, 71.88, 19.40, 70.93)},
-        "(a)lambda1=0.25": {"ablate": (_V, _U), "set": {"lmvsd_weight": 0.25},
-                       "paper": _p(83.73, 73.03, 19.74, 71.36)},
-        "(a)lambda1=0.5": {"ablate": (_V, _U), "set": {"lmvsd_weight": 0.5},
-                      "paper": _p(83.51, 72.61, 19.13, 71.17)},
-        "(a)lambda1=0.75": {"ablate": (_V, _U), "set": {"lmvsd_weight": 0.75},
-                       "paper": _p(83.90, 73.54, 20.08, 71.45), "baseline": True},
-        "(a)lambda1=1.0": {"ablate": (_V, _U), "set": {"lmvsd_weight": 1.0},
-                      "paper": _p(82.63, 72.53, 20.79, 70.72)},
-        "(b)alpha=0.1": {"ablate": (_V, _U), "set": {"lmvsd_alpha": 0.1},
-                     "paper": _p(83.18, 73.39, 19.83, 71.12)},
-        "(b)alpha=0.25": {"ablate": (_V, _U), "set": {"lmvsd_alpha": 0.25},
-                      "paper": _p(83.90, 73.54, 20.08, 71.45)},
-        "(b)alpha=0.5": {"ablate": (_V, _U), "set": {"lmvsd_alpha": 0.5},
-                     "paper": _p(83.37, 73.34, 20.27, 71.24)},
-        "(b)alpha=0.75": {"ablate": (_V, _U), "set": {"lmvsd_alpha": 0.75},
-                      "paper": _p(82.78, 72.64, 20.00, 70.79)},
-        "(c)TopK=0.25": {"ablate": (_V, _U), "set": {"lmvsd_topk": 0.25},
-                         "paper": _p(83.21, 73.41, 20.61, 71.09)},
-        "(c)TopK=0.5": {"ablate": (_V, _U), "set": {"lmvsd_topk": 0.5},
-                        "paper": _p(83.90, 73.54, 20.08, 71.45)},
-        "(c)TopK=0.75": {"ablate": (_V, _U), "set": {"lmvsd_topk": 0.75},
-                         "paper": _p(82.88, 73.13, 19.68, 70.93)},
-        "(c)TopK=1.0": {"ablate": (_V, _U), "set": {"lmvsd_topk": 1.0},
-                        "paper": _p(83.08, 73.13, 20.77, 71.01)},
-    },
-    "Table 4": {  # VMLSD alone, unshared; base α 0.1, TopK 0.5, λ2 0.1
-        "(a)lambda2=0.05": {"ablate": (_L, _U), "set": {"vmlsd_weight": 0.05},
-                       "paper": _p(82.76, 71.78, 18.73, 70.58)},
-        "(a)lambda2=0.1": {"ablate": (_L, _U), "set": {"vmlsd_weight": 0.1},
-                      "paper": _p(83.09, 71.77, 18.64, 70.98), "baseline": True},
-        "(a)lambda2=0.25": {"ablate": (_L, _U), "set": {"vmlsd_weight": 0.25},
-                       "paper": _p(83.02, 71.40, 18.69, 70.41)},
-        "(a)lambda2=0.5": {"ablate": (_L, _U), "set": {"vmlsd_weight": 0.5},
-                      "paper": _p(82.34, 70.86, 18.52, 70.02)},
-        "(a)lambda2=0.75": {"ablate": (_L, _U), "set": {"vmlsd_weight": 0.75},
-                       "paper": _p(81.12, 69.92, 18.17, 69.47)},
-        "(a)lambda2=1.0": {"ablate": (_L, _U), "set": {"vmlsd_weight": 1.0},
-                      "paper": _p(81.07, 70.25, 17.76, 69.28)},
-        "(b)alpha=0.05": {"ablate": (_L, _U), "set": {"vmlsd_alpha": 0.05},
-                      "paper": _p(83.26, 71.93, 18.52, 70.71)},
-        "(b)alpha=0.1": {"ablate": (_L, _U), "set": {"vmlsd_alpha": 0.1},
-                     "paper": _p(83.09, 71.77, 18.64, 70.98)},
-        "(b)alpha=0.25": {"ablate": (_L, _U), "set": {"vmlsd_alpha": 0.25},
-                      "paper": _p(82.72, 71.11, 18.17, 70.43)},
-        "(b)alpha=0.5": {"ablate": (_L, _U), "set": {"vmlsd_alpha": 0.5},
-                     "paper": _p(82.82, 71.92, 17.97, 70.51)},
-        "(b)alpha=0.75": {"ablate": (_L, _U), "set": {"vmlsd_alpha": 0.75},
-                      "paper": _p(82.67, 71.31, 18.24, 70.54)},
-        "(c)TopK=0.25": {"ablate": (_L, _U), "set": {"vmlsd_topk": 0.25},
-                         "paper": _p(83.22, 72.12, 18.18, 70.68)},
-        "(c)TopK=0.5": {"ablate": (_L, _U), "set": {"vmlsd_topk": 0.5},
-                        "paper": _p(83.09, 71.77, 18.64, 70.98)},
-        "(c)TopK=0.75": {"ablate": (_L, _U), "set": {"vmlsd_topk": 0.75},
-                         "paper": _p(82.66, 71.09, 18.07, 70.23)},
-        "(c)TopK=1.0": {"ablate": (_L, _U), "set": {"vmlsd_topk": 1.0},
-                        "paper": _p(82.92, 71.66, 18.32, 70.57)},
-    },
-    "Table 5": {  # sharing the neck and decoder between the main and the masked branches
-        "1 baseline": {"ablate": (_L, _V), "paper": _p(82.73, 70.82, 17.99, 70.45),
-                       "baseline": True},
-        "2 LMVSD, unshared": {"ablate": (_V, _U), "paper": _p(83.90, 73.54, 20.08, 71.45)},
-        "3 LMVSD, shared": {"ablate": (_V,), "paper": _p(83.47, 73.02, 18.53, 71.13)},
-        "4 VMLSD, unshared": {"ablate": (_L, _U), "paper": _p(83.09, 71.77, 18.64, 70.98)},
-        "5 VMLSD, shared": {"ablate": (_L,), "paper": _p(83.29, 71.80, 18.28, 70.88)},
-        "6 both, unshared": {"ablate": (_U,), "paper": _p(83.26, 72.24, 19.03, 71.26)},
-        "7 both, shared (the full model)": {"ablate": (), "paper": _p(83.29, 73.15, 21.45, 71.68)},
-    },
-}  # fmt: skip
-
-RECIPE = {
-    "optimizer": "adam",  # §4.2 "The Adam optimizer"
-    "lr": 1e-5,  # §4.2 "the initial learning rate is set to 0.00001"
-    # §4.2 names one lr for the whole model and there is no release; CRIS (the parent) would
-    # give CLIP 0.1x of its base lr 1e-4, i.e. this same 1e-5.
-    "encoder_lr_factor": 1.0,
-    "weight_decay": 5e-4,  # §4.2 "a weight decay of 0.0005" (Adam's L2, not AdamW)
-    "schedule": "cosine",  # §4.2 "with a cosine decay schedule"
-    "warmup": 10,  # §4.2 "a warm-up strategy for 10 epochs"
-    "epochs": 100,  # §4.2 "to train the model for 100 epochs"
-    "batch_size": 32,  # §4.2 "32 batch size"
-    "grad_clip": 0.0,  # paper silent; CRIS does not clip (max_norm 0)
-    "frozen": (),  # §4.2: CLIP is fine-tuned ("initialized by CLIP"); logit_scale is unused
-}
+def highest(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool, True on the k[b] highest scores of row b (k: (B,) long)."""
+    order = scores.argsort(dim=1, descending=True)  # (B, N) token indices, best first
+    place = torch.arange(scores.shape[1], device=scores.device).expand_as(order)  # 0, 1, 2, ...
+    # The token at place j of the order is chosen when j < k.
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, place < k[:, None])
 
 
-# ---------------------------------------------------------------------------------------------
-# §3.1 The main segmentation branch: CLIP (Eq. 1), then CRIS's neck, decoder and projector (Eq. 2)
+class Choice(NamedTuple):
+    top_T: torch.Tensor  # (B, N) bool: the T most correlated tokens (correlation filtering)
+    masked: torch.Tensor  # (B, N) bool: the α·T of them replaced by the mask token
 
 
-# Copied from rela.from_pretrained
-def from_pretrained(model_cls, name: str, **kwargs):
-    """`model_cls.from_pretrained(name)` for a Hub id or a folder, with one clear line on failure.
+@torch.no_grad()
+def choose_tokens(scores: torch.Tensor, valid: torch.Tensor, top_k: float, alpha: float,
+                  count: str, at_least_one: bool) -> Choice:  # fmt: skip
+    """Correlation filtering and random masking (Eq. 3-4 / 6-7), per sample.
 
-    A relative folder is read from the repository (the demo's `pretrained/tiny-*`), so runs and
-    checkpoints work from any directory."""
-    local = Path(__file__).resolve().parent / name
-    if local.is_dir():
-        name = str(local)
-    try:
-        return model_cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError):
-        raise RuntimeError(
-            f"could not load '{name}': not a folder here and the Hugging Face Hub is unreachable "
-            "(no network?). Use --preset tiny, pass a local folder, or --no-pretrained for random "
-            "weights."
-        ) from None
+    scores (B, N) correlations, valid (B, N) the tokens that may be chosen. T = ⌊TopK·n + ½⌋ of
+    the n valid tokens with the highest score form the top-T; n_mask of them, a uniformly random
+    subset, are masked. count "nearest": n_mask = ⌊α·T + ½⌋, at least one when T > 0 and α > 0
+    (a branch that masks nothing distils nothing: BCE(x, σ(x)) has zero gradient in x).
+    count "stochastic": n_mask = ⌊α·T + u⌋, u ~ U[0, 1), so E[n_mask] = α·T; with at_least_one,
+    if no sample of the batch masks anything, the sample with the largest draw masks one token.
+    """
+    n = valid.sum(1)  # (B,)
+    T = torch.floor(top_k * n + 0.5).long()  # (B,) ⌊TopK·n + ½⌋
+    top_T = highest(scores.float().masked_fill(~valid, float("-inf")), T)  # Eq. 3 / 6
+    if count == "nearest":
+        n_mask = torch.floor(alpha * T + 0.5).long()  # (B,) ⌊α·T + ½⌋
+        n_mask = torch.where((T > 0) & (alpha > 0), n_mask.clamp(min=1), n_mask)
+    else:
+        draw = alpha * T + torch.rand(T.shape, device=T.device)  # (B,) α·T + u
+        n_mask = torch.floor(draw).long()  # (B,) E[n_mask] = α·T
+        if at_least_one:
+            first = F.one_hot(draw.masked_fill(T == 0, -1.0).argmax(), len(T)).bool() & (T > 0)
+            n_mask = torch.where(first & (n_mask.sum() == 0), 1, n_mask)
+    # A uniformly random subset of size n_mask of the top-T: the n_mask highest random keys.
+    keys = torch.rand(scores.shape, device=scores.device).masked_fill(~top_T, -1.0)
+    return Choice(top_T, highest(keys, n_mask))  # Eq. 4 / 7
 
 
-def load_clip(cfg: Config) -> CLIPModel:
-    """One CLIP for both towers: from the Hub / a folder, or random weights from the configs."""
-    if cfg.vision_name != cfg.text_name:
-        raise ValueError(
-            "cm_masksd: Eq. 3 / 6 compare the two towers in CLIP's joint space, so the image and "
-            f"text encoders must come from one CLIP (got '{cfg.vision_name}', '{cfg.text_name}')"
-        )
-    if cfg.pretrained:
-        return from_pretrained(CLIPModel, cfg.vision_name)
-    V = cfg.vocab_size  # CLIP convention unless the config says otherwise: [SOS] V-2, [EOS] V-1
-    specials = dict(bos_token_id=V - 2, eos_token_id=V - 1, pad_token_id=V - 1)
-    text_config = {**specials, **cfg.text_config, "vocab_size": V}
-    return CLIPModel(
-        CLIPConfig(
-            vision_config=cfg.vision_config,
-            text_config=text_config,
-            projection_dim=cfg.projection_dim,
-        )
+@torch.no_grad()
+def lmvsd_choice(w_global, V_local, cfg: Config) -> tuple[torch.Tensor, Choice]:
+    """Eq. 3-4: p_i = w_global · v_i over the N patches (B, N), the top-T, α·T of them masked."""
+    p = correlation(w_global, V_local, cfg.correlation)  # Eq. 3, (B, N)
+    scores = torch.rand_like(p) if "random_mask" in cfg.ablate else p
+    valid = torch.ones_like(p, dtype=torch.bool)
+    return p, choose_tokens(
+        scores, valid, cfg.lmvsd_topk, cfg.lmvsd_alpha, cfg.mask_count, at_least_one=False
     )
 
 
-class VisualFeatures(NamedTuple):
-    v3: torch.Tensor  # ViT layer cfg.vision_taps[0], (B, C_v, h, w): CRIS's C3 slot
-    v4: torch.Tensor  # ViT layer cfg.vision_taps[1], (B, C_v, h, w): CRIS's C4 slot
-    V_local: torch.Tensor  # (B, N, P): the last layer, CRIS's C5 slot (v5)
-    v_global: torch.Tensor  # (B, P)
-    grid: tuple[int, int]  # (h, w)
+def word_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, True on the real words: not [SOS] (position 0), not [EOS], not padding.
+
+    [EOS] is the largest id in CLIP's vocabulary and argmax returns its first occurrence, which
+    matters because CLIP's tokenizer pads with [EOS] as well.
+    """
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
+    eos = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
+    return attention_mask.bool() & (pos != 0) & (pos != eos)
 
 
-class TextFeatures(NamedTuple):
-    W_local: torch.Tensor  # (B, L, C_t)
-    w_global: torch.Tensor  # (B, P)
+@torch.no_grad()
+def vmlsd_choice(v_global, W_local, text_projection: nn.Module, words, cfg: Config) -> Choice:
+    """Eq. 6-7: q_i = v_global · w_i over the real words (B, L), the top-T, α·T of them masked.
+    The words are text-projected into CLIP's joint space, where v_global lives."""
+    q = correlation(v_global, text_projection(W_local), cfg.correlation)  # Eq. 6, (B, L)
+    scores = torch.rand_like(q) if "random_mask" in cfg.ablate else q
+    return choose_tokens(
+        scores, words, cfg.vmlsd_topk, cfg.vmlsd_alpha, cfg.mask_count, at_least_one=True
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# §3.3 Network optimization (Eq. 9)
+
+
+def seg_loss(M_seg: torch.Tensor, masks: torch.Tensor, at: str) -> torch.Tensor:
+    """Loss_seg = BCE(M_seg, GT). M_seg (B, 1, h, w) logits, masks (B, H, W) in {0, 1}."""
+    if at == "gt":  # M_seg upsampled (bilinear) to the GT
+        return common.bce_loss(common.upsample_to(M_seg, masks), masks)
+    return common.bce_loss(M_seg, masks)  # CRIS: the GT resized (nearest) to M_seg's size
+
+
+def distillation_loss(M_masked: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Loss_LMVSD / Loss_VMLSD = BCE(M_masked, M_seg); teacher = sigmoid(M_seg) without gradient,
+    a soft target (B, 1, h, w) at the logits' own size."""
+    return common.bce_loss(M_masked, teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: CRIS's neck, decoder and projector (Eq. 2), then the one CLIP that holds both
+# encoders (Eq. 1)
 
 
 def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -611,6 +475,8 @@ class Segmenter(nn.Module):
         super().__init__()
         d = cfg.neck_dims[1]
         self.neck = Neck(C_v, P, cfg.neck_dims)
+        # Decoder words are W_local (CLIP's final LN, no projection, as CRIS); a Linear maps them
+        # to d only when C_t differs from d (identity for ViT-B/16, whose text width is 512).
         self.word_proj = nn.Linear(C_t, d) if C_t != d else nn.Identity()
         self.decoder = VisionLanguageDecoder(
             d, cfg.decoder_layers, cfg.decoder_heads, cfg.decoder_ffn, cfg.dropout
@@ -625,69 +491,61 @@ class Segmenter(nn.Module):
         return self.projector(F_vl, txt.w_global)  # M (B, 1, 4h, 4w)
 
 
-# ---------------------------------------------------------------------------------------------
-# §3.2 The masking machinery: correlation filtering (Eq. 3 / 6) and random masking (Eq. 4 / 7)
+# Copied from rela.from_pretrained
+def from_pretrained(model_cls, name: str, **kwargs):
+    """`model_cls.from_pretrained(name)` for a Hub id or a folder, with one clear line on failure.
+
+    A relative folder is read from the repository (the demo's `pretrained/tiny-*`), so runs and
+    checkpoints work from any directory."""
+    local = Path(__file__).resolve().parent / name
+    if local.is_dir():
+        name = str(local)
+    try:
+        return model_cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        raise RuntimeError(
+            f"could not load '{name}': not a folder here and the Hugging Face Hub is unreachable "
+            "(no network?). Use --preset tiny, pass a local folder, or --no-pretrained for random "
+            "weights."
+        ) from None
 
 
-@torch.no_grad()
-def correlation(query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Eq. 3 / Eq. 6: query (B, C) · every token (B, N, C) -> (B, N), cosine similarity."""
-    query, tokens = F.normalize(query.float(), dim=-1), F.normalize(tokens.float(), dim=-1)
-    return torch.einsum("bc,bnc->bn", query, tokens)
+def load_clip(cfg: Config) -> CLIPModel:
+    """One CLIP for both towers: from the Hub / a folder, or random weights from the configs."""
+    if cfg.vision_name != cfg.text_name:
+        raise ValueError(
+            "cm_masksd: Eq. 3 / 6 compare the two towers in CLIP's joint space, so the image and "
+            f"text encoders must come from one CLIP (got '{cfg.vision_name}', '{cfg.text_name}')"
+        )
+    if cfg.pretrained:
+        return from_pretrained(CLIPModel, cfg.vision_name)
+    V = cfg.vocab_size  # CLIP convention unless the config says otherwise: [SOS] V-2, [EOS] V-1
+    specials = dict(bos_token_id=V - 2, eos_token_id=V - 1, pad_token_id=V - 1)
+    text_config = {**specials, **cfg.text_config, "vocab_size": V}
+    return CLIPModel(
+        CLIPConfig(
+            vision_config=cfg.vision_config,
+            text_config=text_config,
+            projection_dim=cfg.projection_dim,
+        )
+    )
 
 
-def highest(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(B, N) bool, True on the k[b] highest scores of row b (k: (B,) long)."""
-    order = scores.argsort(dim=1, descending=True)  # (B, N) token indices, best first
-    place = torch.arange(scores.shape[1], device=scores.device).expand_as(order)  # 0, 1, 2, ...
-    # The token at place j of the order is chosen when j < k.
-    return torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, place < k[:, None])
+class VisualFeatures(NamedTuple):
+    v3: torch.Tensor  # ViT layer cfg.vision_taps[0], (B, C_v, h, w): CRIS's C3 slot
+    v4: torch.Tensor  # ViT layer cfg.vision_taps[1], (B, C_v, h, w): CRIS's C4 slot
+    V_local: torch.Tensor  # (B, N, P): the last layer, CRIS's C5 slot (v5)
+    v_global: torch.Tensor  # (B, P)
+    grid: tuple[int, int]  # (h, w)
 
 
-class Choice(NamedTuple):
-    top_T: torch.Tensor  # (B, N) bool: the T most correlated tokens (correlation filtering)
-    masked: torch.Tensor  # (B, N) bool: the α·T of them replaced by the mask token
-
-
-@torch.no_grad()
-def choose_tokens(
-    scores: torch.Tensor, valid: torch.Tensor, top_k: float, alpha: float, at_least_one: bool
-) -> Choice:
-    """Correlation filtering and random masking (Eq. 3-4 / 6-7), per sample.
-
-    scores (B, N) correlations, valid (B, N) the tokens that may be chosen. T = ⌊TopK·n + ½⌋ of the
-    n valid tokens with the highest score form the top-T; n_mask of them, a uniformly random
-    subset, are masked. n_mask = ⌊α·T + u⌋, u ~ U[0, 1): stochastic rounding, E[n_mask] = α·T, so
-    α keeps its meaning for a 3-word expression (T = 2, α = 0.1: one word in 5 steps, not always
-    one). at_least_one: if no sample of the batch masks anything, the sample with the largest
-    draw masks one token (a masked branch that masks nothing would copy the main branch).
-    """
-    n = valid.sum(1)  # (B,)
-    T = torch.floor(top_k * n + 0.5).long()  # (B,) ⌊TopK·n + ½⌋
-    top_T = highest(scores.float().masked_fill(~valid, float("-inf")), T)  # Eq. 3 / 6
-    draw = alpha * T + torch.rand(T.shape, device=T.device)  # (B,) α·T + u
-    n_mask = torch.floor(draw).long()  # (B,) E[n_mask] = α·T
-    if at_least_one:
-        first = F.one_hot(draw.masked_fill(T == 0, -1.0).argmax(), len(T)).bool() & (T > 0)
-        n_mask = torch.where(first & (n_mask.sum() == 0), 1, n_mask)
-    # A uniformly random subset of size n_mask of the top-T: the n_mask highest random keys.
-    keys = torch.rand(scores.shape, device=scores.device).masked_fill(~top_T, -1.0)
-    return Choice(top_T, highest(keys, n_mask))  # Eq. 4 / 7
-
-
-def word_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool, True on the real words: not [SOS] (position 0), not [EOS], not padding.
-
-    [EOS] is the largest id in CLIP's vocabulary and argmax returns its first occurrence, which
-    matters because CLIP's tokenizer pads with [EOS] as well.
-    """
-    pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
-    eos = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
-    return attention_mask.bool() & (pos != 0) & (pos != eos)
+class TextFeatures(NamedTuple):
+    W_local: torch.Tensor  # (B, L, C_t)
+    w_global: torch.Tensor  # (B, P)
 
 
 # ---------------------------------------------------------------------------------------------
-# The model: the main branch, then LMVSD (Eq. 3-5) and VMLSD (Eq. 6-8), the loss (Eq. 9)
+# The model: the main branch (Eq. 1-2), LMVSD (Eq. 5) and VMLSD (Eq. 8), the loss (Eq. 9)
 
 
 class CMMaskSD(nn.Module):
@@ -763,6 +621,7 @@ class CMMaskSD(nn.Module):
         return TextFeatures(out.last_hidden_state, self.text_projection(out.pooler_output))
 
     def forward(self, images, input_ids, attention_mask, targets=None) -> dict:
+        cfg = self.cfg
         pad_mask = attention_mask == 0  # (B, L) True = ignore (CLIP pads with [EOS])
         vis = self.encode_image(images)  # Eq. 1
         txt = self.encode_text(input_ids, attention_mask)
@@ -771,45 +630,36 @@ class CMMaskSD(nn.Module):
         if targets is None:  # inference: the main branch only
             return out
 
-        masks = targets["masks"]  # (B, H, W); Loss_seg (Eq. 9) on M_seg upsampled to it
-        losses = {"seg": common.bce_loss(common.upsample_to(M_seg, masks), masks)}
-        # The teacher is the main branch's own prediction, without gradient (see docstring).
-        teacher = M_seg.detach().sigmoid()
+        losses = {"seg": seg_loss(M_seg, targets["masks"], cfg.seg_loss_at)}  # Loss_seg
+        teacher = M_seg.detach().sigmoid()  # the main branch's own prediction, no gradient
         if self.use_lmvsd:
-            p, choice = self.lmvsd_choice(vis, txt)  # Eq. 3-4
+            p, choice = lmvsd_choice(txt.w_global, vis.V_local, cfg)  # Eq. 3-4
             out["lmvsd_p"] = p.view(-1, *vis.grid)  # (B, h, w), for samples.png
             out["lmvsd_top_T"] = choice.top_T.view(-1, *vis.grid)  # (B, h, w), diagnostics
             out["lmvsd_mask"] = choice.masked.view(-1, *vis.grid)
             if self.training:  # the masked branches train; eval only reports their choices
                 M_lmvsd = self.lmvsd_branch(images, choice.masked, txt, pad_mask)  # Eq. 5
-                losses["lmvsd"] = common.bce_loss(M_lmvsd, teacher)  # Loss_LMVSD
-            else:  # a control for diagnostics: the top-T for another sample's sentence
-                p_other = correlation(txt.w_global.roll(1, dims=0), vis.V_local)  # (B, N)
+                losses["lmvsd"] = distillation_loss(M_lmvsd, teacher)  # Loss_LMVSD
+            else:  # a control for diagnostics: Eq. 3 with another sample's sentence
+                p_other = correlation(txt.w_global.roll(1, dims=0), vis.V_local, cfg.correlation)
                 top_other = highest(p_other, choice.top_T.sum(1))  # (B, N)
+                out["lmvsd_p_other_text"] = p_other.view(-1, *vis.grid)
                 out["lmvsd_top_T_other_text"] = top_other.view(-1, *vis.grid)
         if self.use_vmlsd:
             words = word_positions(input_ids, attention_mask)
-            choice = self.vmlsd_choice(vis, txt, words)  # Eq. 6-7
+            choice = vmlsd_choice(vis.v_global, txt.W_local, self.text_projection, words, cfg)
             out["vmlsd_words"], out["vmlsd_top_T"] = words, choice.top_T  # (B, L) each
             out["vmlsd_mask"] = choice.masked
             out["vmlsd_masked_ids"] = input_ids.masked_fill(~choice.masked, -1)  # samples.png
             if self.training:
                 M_vmlsd = self.vmlsd_branch(vis, input_ids, attention_mask, choice.masked)  # Eq. 8
-                losses["vmlsd"] = common.bce_loss(M_vmlsd, teacher)  # Loss_VMLSD
-        weights = {"seg": 1.0, "lmvsd": self.cfg.lmvsd_weight, "vmlsd": self.cfg.vmlsd_weight}
+                losses["vmlsd"] = distillation_loss(M_vmlsd, teacher)  # Loss_VMLSD
+        weights = {"seg": 1.0, "lmvsd": cfg.lmvsd_weight, "vmlsd": cfg.vmlsd_weight}
         out["losses"] = losses
         out["loss"] = sum(weights[k] * v for k, v in losses.items())  # Eq. 9: Loss_total
         return out
 
-    # --- §3.2, Eq. 3-5: language-guided masked visual self-distillation (LMVSD) -----------------
-
-    @torch.no_grad()
-    def lmvsd_choice(self, vis: VisualFeatures, txt: TextFeatures) -> tuple[torch.Tensor, Choice]:
-        """Eq. 3-4: p_i = w_global · v_i (cosine), the top-T patches, α·T of them masked."""
-        p = correlation(txt.w_global, vis.V_local)  # Eq. 3, (B, N)
-        scores = torch.rand_like(p) if "random_mask" in self.cfg.ablate else p
-        valid = torch.ones_like(p, dtype=torch.bool)
-        return p, choose_tokens(scores, valid, self.cfg.lmvsd_topk, self.cfg.lmvsd_alpha, False)
+    # --- §3.2, Eq. 5: the LMVSD branch, and Eq. 4's v' inside the image encoder ---------------
 
     def lmvsd_branch(self, images, patch_mask, txt: TextFeatures, pad_mask) -> torch.Tensor:
         """Eq. 5: V'_local = CLIP image encoder(V_masked), F_LMVSD = Neck(V'_local, w_global),
@@ -830,14 +680,7 @@ class CMMaskSD(nn.Module):
         where = self._patch_mask.view(E_I.shape[0], 1, *E_I.shape[2:])  # (B, 1, h, w)
         return torch.where(where, self.patch_mask_token.view(1, -1, 1, 1).to(E_I.dtype), E_I)
 
-    # --- §3.2, Eq. 6-8: visual-guided masked language self-distillation (VMLSD) -----------------
-
-    @torch.no_grad()
-    def vmlsd_choice(self, vis: VisualFeatures, txt: TextFeatures, words: torch.Tensor) -> Choice:
-        """Eq. 6-7: q_i = v_global · w_i over the real words (B, L), top-T, α·T of them masked."""
-        q = correlation(vis.v_global, self.text_projection(txt.W_local))  # Eq. 6, (B, L)
-        scores = torch.rand_like(q) if "random_mask" in self.cfg.ablate else q
-        return choose_tokens(scores, words, self.cfg.vmlsd_topk, self.cfg.vmlsd_alpha, True)
+    # --- §3.2, Eq. 8: the VMLSD branch, and Eq. 7's w' inside the text encoder ----------------
 
     def vmlsd_branch(self, vis: VisualFeatures, input_ids, attention_mask, word_mask):
         """Eq. 8 (as the prose reads it): W'_local, w'_global = CLIP text encoder(W_masked),
@@ -858,6 +701,13 @@ class CMMaskSD(nn.Module):
         return torch.where(self._word_mask[..., None], self.word_mask_token.to(E_T.dtype), E_T)
 
 
+CHOICES = {
+    "correlation": ("dot", "cosine"),
+    "mask_count": ("nearest", "stochastic"),
+    "seg_loss_at": ("logits", "gt"),
+}
+
+
 def build_model(cfg: Config) -> nn.Module:
     for name in cfg.ablate:
         if name not in ABLATIONS:
@@ -867,6 +717,11 @@ def build_model(cfg: Config) -> nn.Module:
     for name in ("lmvsd_alpha", "lmvsd_topk", "vmlsd_alpha", "vmlsd_topk"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"cm_masksd: {name} must lie in [0, 1], got {getattr(cfg, name)}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(
+                f"cm_masksd: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}"
+            )
     if cfg.mask_prior is not None and not 0 < cfg.mask_prior < 1:
         raise ValueError(f"cm_masksd: mask_prior must lie in (0, 1), got {cfg.mask_prior}")
     return CMMaskSD(cfg)
@@ -875,6 +730,33 @@ def build_model(cfg: Config) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Measuring the mechanism (train.py calls these on eval batches)
 
+# CLIP's image mean / std (data.py normalises CLIP-family images with them).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OBJECT_CHROMA = 0.2  # max - min of RGB in [0, 1]: the world's backgrounds <= 0.1, shapes >= 0.37
+
+
+def object_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) CLIP-normalised images -> (B, H, W) float, 1 on saturated pixels: the union of
+    all objects in the built-in world, which paints saturated shapes on a grey-ish background
+    (data._render). On photographs this is not an object mask."""
+    mean = images.new_tensor(CLIP_MEAN)[:, None, None]
+    std = images.new_tensor(CLIP_STD)[:, None, None]
+    rgb = images.float() * std + mean  # (B, 3, H, W) in [0, 1]
+    return (rgb.amax(1) - rgb.amin(1) > OBJECT_CHROMA).float()
+
+
+def referent_auc(scores: torch.Tensor, referent: torch.Tensor, others: torch.Tensor):
+    """(B,) weighted AUC: the chance that a referent patch outranks another object's patch.
+
+    scores (B, N) the ranking (Eq. 3); referent, others (B, N) each patch's share of the referent
+    and of the other objects, the weights of the two sides. 0.5 = the ranking does not tell the
+    referent from the other objects; 1 = every referent patch first."""
+    order = scores.argsort(dim=1)  # (B, N) ascending
+    t, u = referent.gather(1, order), others.gather(1, order)
+    below = u.cumsum(1) - 0.5 * u  # other-object mass ranked below each patch (itself: half)
+    return (t * below).sum(1) / (t.sum(1) * u.sum(1)).clamp_min(1e-12)
+
 
 def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
     """Does correlation filtering find the referred object? (eval forward with targets)
@@ -882,18 +764,22 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
     lmvsd_target_in_top_T: share of the target's area whose patches are in LMVSD's top-T (each
       patch weighted by the share of its pixels on the target); chance = TopK (0.5).
     lmvsd_target_masked: the same share for the α·T masked patches; chance = α·TopK (0.125).
-    lmvsd_target_in_top_T_other_text: the top-T ranked by ANOTHER sample's sentence; what a
-      text-blind ranking gets (objects are salient on the synthetic background, so it is well
-      above 0.5: the gap to lmvsd_target_in_top_T is what the sentence contributes).
-    vmlsd_masked_word_share: masked words / real words; expected α·TopK (0.05) up to rounding.
-    vmlsd_masked_per_top_T: masked words / top-T words; expected α (0.1).
+    lmvsd_target_in_top_T_other_text: the top-T ranked by ANOTHER sample's sentence: what a
+      text-blind ranking gets; the gap to lmvsd_target_in_top_T is what the sentence adds.
+    lmvsd_referent_auc_among_objects (_other_text): among the patches of the scene's objects
+      (object_pixels: the built-in world only), the chance that Eq. 3 ranks a referent patch above
+      another object's, with the sample's own (another sample's) sentence; chance 0.5. Objects
+      cannot fill this cut, so it says "this object", not "objects".
+    vmlsd_masked_word_share: masked words / real words; α·TopK (0.05) up to rounding.
+    vmlsd_masked_per_top_T: masked words / top-T words; α (0.1) up to rounding.
     """
     nan = float("nan")
     result = {}
     if "lmvsd_top_T" in outputs:
         top_T, masked = outputs["lmvsd_top_T"], outputs["lmvsd_mask"]  # (B, h, w) bool
+        grid = top_T.shape[-2:]
         gt = batch["mask"][:, None].float()  # (B, 1, H, W)
-        on_target = F.adaptive_avg_pool2d(gt, top_T.shape[-2:])[:, 0]  # (B, h, w) in [0, 1]
+        on_target = F.adaptive_avg_pool2d(gt, grid)[:, 0]  # (B, h, w) in [0, 1]
         area = on_target.flatten(1).sum(1)  # (B,)
         has = area > 0  # no-target samples have nothing to find
         shares = [("in_top_T", top_T), ("masked", masked)]
@@ -902,6 +788,16 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
         for name, chosen in shares:
             share = (on_target * chosen).flatten(1).sum(1) / area.clamp_min(1e-6)
             result[f"lmvsd_target_{name}"] = share[has].mean().item() if has.any() else nan
+        if "lmvsd_p_other_text" in outputs and "image" in batch:
+            objects = object_pixels(batch["image"])[:, None]  # (B, 1, H, W)
+            on_object = F.adaptive_avg_pool2d(objects, grid)[:, 0]  # (B, h, w)
+            others = (on_object - on_target).clamp_min(0).flatten(1)  # (B, N)
+            ok = has & (others.sum(1) > 0)
+            for name, key in (("", "lmvsd_p"), ("_other_text", "lmvsd_p_other_text")):
+                auc = referent_auc(outputs[key].flatten(1).float(), on_target.flatten(1), others)
+                result[f"lmvsd_referent_auc_among_objects{name}"] = (
+                    auc[ok].mean().item() if ok.any() else nan
+                )
     if "vmlsd_mask" in outputs:
         masked = outputs["vmlsd_mask"].sum().item()
         words, top = outputs["vmlsd_words"].sum().item(), outputs["vmlsd_top_T"].sum().item()
@@ -922,14 +818,137 @@ def sample_extra(outputs: dict, i: int, tokenizer) -> list[tuple]:
         ids = [int(t) for t in outputs["vmlsd_masked_ids"][i].tolist() if t >= 0]
         caption += "; VMLSD masks " + (" ".join(tokenizer.convert_ids_to_tokens(ids)) or "none")
     return [
-        (p, "p = cos(w_global, v_i) (Eq. 3), own scale"),  # the ranking is what matters
+        (p, "p = w_global · v_i (Eq. 3), own scale"),  # the ranking is what matters
         (choice.cpu().numpy(), caption, (0, 2)),
     ]
 
 
-if __name__ == "__main__":
+# =============================================================================================
+# The paper's tables and recipe (train.py --row "Table 5 2", --recipe paper)
+
+# Table 1's second row: CLIP ViT-L/14 (Config overrides; `Config.paper_vit_l()` adds its 532 px).
+VIT_L14 = dict(
+    vision_name="openai/clip-vit-large-patch14",
+    text_name="openai/clip-vit-large-patch14",
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, patch_size=14, image_size=224),
+    text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                     num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                     eos_token_id=2),
+    projection_dim=768,
+    vision_taps=(8, 16),  # a third and two thirds of 24 layers, as 4 and 8 of ViT-B/16's 12
+)  # fmt: skip
+
+_L, _V, _U = "no_lmvsd", "no_vmlsd", "no_sharing"
+
+
+def _p(pr5: float, pr7: float, pr9: float, iou: float) -> dict[str, float]:
+    """The paper's Pr@0.5, Pr@0.7, Pr@0.9 and IoU columns."""
+    return {"Prec@0.5": pr5, "Prec@0.7": pr7, "Prec@0.9": pr9, "mIoU": iou}
+
+
+def _t3(name: str, value: float, *numbers: float) -> dict:
+    """A Table 3 row: LMVSD alone, unshared, one hyper-parameter moved."""
+    return {"ablate": (_V, _U), "set": {name: value}, "paper": _p(*numbers)}
+
+
+def _t4(name: str, value: float, *numbers: float) -> dict:
+    """A Table 4 row: VMLSD alone, unshared, one hyper-parameter moved."""
+    return {"ablate": (_L, _U), "set": {name: value}, "paper": _p(*numbers)}
+
+
+# RefCOCO val, CLIP ViT-B/16, numbers in %. The paper's "IoU" is CRIS's: the mean of the
+# per-expression IoUs (mIoU here; CRIS engine.py); CRIS counts Pr@X as IoU > X. One build carries
+# one paper number: Tables 2-4's single-branch rows were measured WITHOUT weight sharing (their
+# numbers are Table 5's unshared rows), so they add no_sharing, and each sweep's default row is
+# the same build, with the same number, as Table 2's row. Tables 2-5 ran at 480 px (= paper());
+# Table 1's rows carry their 576 / 532 px as "recipe".
+TABLES: dict[str, dict[str, dict]] = {
+    "Table 1": {  # main results, IoU; the paper's only numbers for the full model at full size
+        "ViT-B CLIP ViT-B/16 at 576 px": {
+            "recipe": {"image_size": 576}, "paper": {"mIoU": 72.18},  # RefCOCO val
+            "note": "RefCOCO val/testA/testB 72.18/75.21/67.91, RefCOCO+ 64.47/69.29/56.55, "
+            "G-Ref val/test 62.67/62.69", "baseline": True},
+        "ViT-L CLIP ViT-L/14 at 532 px": {
+            "set": dict(VIT_L14), "recipe": {"image_size": 532},
+            "paper": {"mIoU": 74.89},  # RefCOCO val
+            "note": "RefCOCO 74.89/77.54/71.28, RefCOCO+ 67.47/71.80/59.91, G-Ref 66.53/66.63"},
+    },
+    "Table 2": {  # design of masked self-distillation manner
+        "baseline no masked branch": {
+            "ablate": (_L, _V), "paper": _p(82.73, 70.82, 17.99, 70.45), "baseline": True},
+        "+LMVSD LMVSD only (unshared, = Table 5)": {
+            "ablate": (_V, _U), "paper": _p(83.90, 73.54, 20.08, 71.45)},
+        "+VMLSD VMLSD only (unshared, = Table 5)": {
+            "ablate": (_L, _U), "paper": _p(83.09, 71.77, 18.64, 70.98)},
+        "+both LMVSD and VMLSD (shared, the full model)": {
+            "ablate": (), "paper": _p(83.29, 73.15, 21.45, 71.68)},
+    },
+    "Table 3": {  # LMVSD alone, unshared; base α 0.25, TopK 0.5, λ1 0.75
+        "(a)lambda1=0.1": _t3("lmvsd_weight", 0.1, 83.20, 71.88, 19.40, 70.93),
+        "(a)lambda1=0.25": _t3("lmvsd_weight", 0.25, 83.73, 73.03, 19.74, 71.36),
+        "(a)lambda1=0.5": _t3("lmvsd_weight", 0.5, 83.51, 72.61, 19.13, 71.17),
+        "(a)lambda1=0.75": {**_t3("lmvsd_weight", 0.75, 83.90, 73.54, 20.08, 71.45),
+                            "baseline": True},
+        "(a)lambda1=1.0": _t3("lmvsd_weight", 1.0, 82.63, 72.53, 20.79, 70.72),
+        "(b)alpha=0.1": _t3("lmvsd_alpha", 0.1, 83.18, 73.39, 19.83, 71.12),
+        "(b)alpha=0.25": _t3("lmvsd_alpha", 0.25, 83.90, 73.54, 20.08, 71.45),
+        "(b)alpha=0.5": _t3("lmvsd_alpha", 0.5, 83.37, 73.34, 20.27, 71.24),
+        "(b)alpha=0.75": _t3("lmvsd_alpha", 0.75, 82.78, 72.64, 20.00, 70.79),
+        "(c)TopK=0.25": _t3("lmvsd_topk", 0.25, 83.21, 73.41, 20.61, 71.09),
+        "(c)TopK=0.5": _t3("lmvsd_topk", 0.5, 83.90, 73.54, 20.08, 71.45),
+        "(c)TopK=0.75": _t3("lmvsd_topk", 0.75, 82.88, 73.13, 19.68, 70.93),
+        "(c)TopK=1.0": _t3("lmvsd_topk", 1.0, 83.08, 73.13, 20.77, 71.01),
+    },
+    "Table 4": {  # VMLSD alone, unshared; base α 0.1, TopK 0.5, λ2 0.1
+        "(a)lambda2=0.05": _t4("vmlsd_weight", 0.05, 82.76, 71.78, 18.73, 70.58),
+        "(a)lambda2=0.1": {**_t4("vmlsd_weight", 0.1, 83.09, 71.77, 18.64, 70.98),
+                           "baseline": True},
+        "(a)lambda2=0.25": _t4("vmlsd_weight", 0.25, 83.02, 71.40, 18.69, 70.41),
+        "(a)lambda2=0.5": _t4("vmlsd_weight", 0.5, 82.34, 70.86, 18.52, 70.02),
+        "(a)lambda2=0.75": _t4("vmlsd_weight", 0.75, 81.12, 69.92, 18.17, 69.47),
+        "(a)lambda2=1.0": _t4("vmlsd_weight", 1.0, 81.07, 70.25, 17.76, 69.28),
+        "(b)alpha=0.05": _t4("vmlsd_alpha", 0.05, 83.26, 71.93, 18.52, 70.71),
+        "(b)alpha=0.1": _t4("vmlsd_alpha", 0.1, 83.09, 71.77, 18.64, 70.98),
+        "(b)alpha=0.25": _t4("vmlsd_alpha", 0.25, 82.72, 71.11, 18.17, 70.43),
+        "(b)alpha=0.5": _t4("vmlsd_alpha", 0.5, 82.82, 71.92, 17.97, 70.51),
+        "(b)alpha=0.75": _t4("vmlsd_alpha", 0.75, 82.67, 71.31, 18.24, 70.54),
+        "(c)TopK=0.25": _t4("vmlsd_topk", 0.25, 83.22, 72.12, 18.18, 70.68),
+        "(c)TopK=0.5": _t4("vmlsd_topk", 0.5, 83.09, 71.77, 18.64, 70.98),
+        "(c)TopK=0.75": _t4("vmlsd_topk", 0.75, 82.66, 71.09, 18.07, 70.23),
+        "(c)TopK=1.0": _t4("vmlsd_topk", 1.0, 82.92, 71.66, 18.32, 70.57),
+    },
+    "Table 5": {  # sharing the neck and decoder between the main and the masked branches
+        "1 baseline": {"ablate": (_L, _V), "paper": _p(82.73, 70.82, 17.99, 70.45),
+                       "baseline": True},
+        "2 LMVSD, unshared": {"ablate": (_V, _U), "paper": _p(83.90, 73.54, 20.08, 71.45)},
+        "3 LMVSD, shared": {"ablate": (_V,), "paper": _p(83.47, 73.02, 18.53, 71.13)},
+        "4 VMLSD, unshared": {"ablate": (_L, _U), "paper": _p(83.09, 71.77, 18.64, 70.98)},
+        "5 VMLSD, shared": {"ablate": (_L,), "paper": _p(83.29, 71.80, 18.28, 70.88)},
+        "6 both, unshared": {"ablate": (_U,), "paper": _p(83.26, 72.24, 19.03, 71.26)},
+        "7 both, shared (the full model)": {"ablate": (), "paper": _p(83.29, 73.15, 21.45, 71.68)},
+    },
+}  # fmt: skip
+
+RECIPE = {
+    "optimizer": "adam",  # §4.2 "The Adam optimizer"
+    "lr": 1e-5,  # §4.2 "the initial learning rate is set to 0.00001"
+    # §4.2 names one lr for the whole model and there is no release; CRIS (the parent) would
+    # give CLIP 0.1x of its base lr 1e-4, i.e. this same 1e-5.
+    "encoder_lr_factor": 1.0,
+    "weight_decay": 5e-4,  # §4.2 "a weight decay of 0.0005" (Adam's L2, not AdamW)
+    "schedule": "cosine",  # §4.2 "with a cosine decay schedule"
+    "warmup": 10,  # §4.2 "a warm-up strategy for 10 epochs"
+    "epochs": 100,  # §4.2 "to train the model for 100 epochs"
+    "batch_size": 32,  # §4.2 "32 batch size"
+    "grad_clip": 0.0,  # paper silent; CRIS does not clip (max_norm 0)
+    "frozen": (),  # §4.2: CLIP is fine-tuned ("initialized by CLIP"); logit_scale is unused
+}
+
+
+if __name__ == "__main__":  # shape smoke run on the tiny preset (random weights, no files)
     cfg = Config.tiny()
-    cfg.pretrained = False  # the shape smoke run needs no folder
+    cfg.pretrained = False
     model = build_model(cfg)
     B, L, V = 2, cfg.max_tokens, cfg.vocab_size
     ids = torch.randint(0, V - 2, (B, L))
@@ -940,6 +959,4 @@ if __name__ == "__main__":
     out = model(images, ids, mask, targets)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, mask_logits {tuple(out['mask_logits'].shape)}")
-    print(
-        {k: round(v.item(), 4) for k, v in out["losses"].items()}, f"loss {out['loss'].item():.4f}"
-    )
+    print({k: round(v.item(), 4) for k, v in out["losses"].items()}, f"loss {out['loss']:.4f}")

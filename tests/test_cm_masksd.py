@@ -1,12 +1,14 @@
-"""Tests for cm_masksd.py: correlation filtering and masking counts (Eq. 3-4, 6-7) with α's
-expected share, the stop-gradient teacher, one encoder pass at inference, shared and unshared
-branches, every TABLES row, diagnostics on a hand-made case, the pretrained tiny CLIP."""
+"""Tests for cm_masksd.py: correlation filtering and masking counts (Eq. 3-4, 6-7), paper() as
+printed (dot product, at least one masked word per sentence, Loss_seg as CRIS) and tiny()'s demo
+choices, the stop-gradient teacher, one encoder pass at inference, shared and unshared branches,
+every TABLES row (one build, one paper number), diagnostics on hand-made cases, the tiny CLIP."""
 
 import dataclasses
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,19 +57,23 @@ def test_choose_tokens_top_t_and_counts():
     valid = valid[:, torch.randperm(N)]  # valid tokens scattered over the sequence
     scores = torch.randn(B, N)
     for top_k, alpha in [(0.5, 0.25), (0.5, 0.1), (0.25, 0.75), (1.0, 1.0)]:
-        choice = M.choose_tokens(scores, valid, top_k, alpha, at_least_one=False)
+        stochastic = M.choose_tokens(scores, valid, top_k, alpha, "stochastic", False)
+        nearest = M.choose_tokens(scores, valid, top_k, alpha, "nearest", False)
         for b, n in enumerate(n_valid):
             T = math.floor(top_k * n + 0.5)
             top = scores[b].masked_fill(~valid[b], -1e9).topk(T).indices.tolist()
-            assert set(choice.top_T[b].nonzero().flatten().tolist()) == set(top)
-            k = int(choice.masked[b].sum())
+            for choice in (stochastic, nearest):
+                assert set(choice.top_T[b].nonzero().flatten().tolist()) == set(top)
+                assert not (choice.masked[b] & ~choice.top_T[b]).any()  # masked ⊂ top-T ⊂ valid
+            k = int(stochastic.masked[b].sum())
             assert math.floor(alpha * T) <= k <= math.ceil(alpha * T)  # α·T rounded
-            assert not (choice.masked[b] & ~choice.top_T[b]).any()  # masked ⊂ top-T ⊂ valid
+            # paper(): ⌊α·T + ½⌋, at least one whenever there is a top-T
+            assert int(nearest.masked[b].sum()) == (max(1, math.floor(alpha * T + 0.5)) if T else 0)
 
 
-def test_alpha_sweep_of_table_4b_changes_the_expected_number_of_masked_words():
-    """Short expressions (1-6 words, T = 1-3): the expected count is α·T for every α of
-    Table 4(b); plain rounding with at-least-one masked exactly one word for all of them."""
+def test_tiny_alpha_sweep_of_table_4b_changes_the_expected_number_of_masked_words():
+    """tiny()'s count on short expressions (1-6 words, T = 1-3): the expected count is α·T for
+    every α of Table 4(b); paper()'s rounding with at-least-one masks one word for most."""
     torch.manual_seed(0)
     L = 8
     n_words = torch.arange(4000) % 6 + 1  # (B,)
@@ -75,7 +81,8 @@ def test_alpha_sweep_of_table_4b_changes_the_expected_number_of_masked_words():
     T = torch.floor(0.5 * n_words + 0.5)
     means = []
     for alpha in (0.05, 0.1, 0.25, 0.5, 0.75):
-        masked = M.choose_tokens(torch.randn(len(n_words), L), valid, 0.5, alpha, True).masked
+        scores = torch.randn(len(n_words), L)
+        masked = M.choose_tokens(scores, valid, 0.5, alpha, "stochastic", True).masked
         count = masked.sum(1).float()
         assert (count <= T).all()
         se = count.std() / math.sqrt(len(count))
@@ -85,18 +92,21 @@ def test_alpha_sweep_of_table_4b_changes_the_expected_number_of_masked_words():
     assert min(steps) > 0.05, means
 
 
-def test_at_least_one_masked_word_per_batch():
+def test_tiny_at_least_one_masked_word_per_batch():
     torch.manual_seed(0)
     valid = torch.zeros(4, 6, dtype=torch.bool)
     valid[:, :2] = True  # four 2-word expressions: T = 1, α·T = 0.05
     empty_batches = 0
     for _ in range(200):
         scores = torch.randn(4, 6)
-        assert M.choose_tokens(scores, valid, 0.5, 0.05, True).masked.sum() >= 1
-        empty_batches += int(M.choose_tokens(scores, valid, 0.5, 0.05, False).masked.sum() == 0)
+        assert M.choose_tokens(scores, valid, 0.5, 0.05, "stochastic", True).masked.sum() >= 1
+        without = M.choose_tokens(scores, valid, 0.5, 0.05, "stochastic", False).masked
+        empty_batches += int(without.sum() == 0)
     assert empty_batches > 100  # without the rule most batches would mask nothing (0.95^4)
     nothing = torch.zeros(4, 6, dtype=torch.bool)  # no words at all: nothing to mask
-    assert not M.choose_tokens(torch.randn(4, 6), nothing, 0.5, 0.05, True).masked.any()
+    assert not M.choose_tokens(
+        torch.randn(4, 6), nothing, 0.5, 0.05, "stochastic", True
+    ).masked.any()
 
 
 def test_lmvsd_masks_alpha_t_of_the_top_t_patches_by_eq3():
@@ -140,6 +150,86 @@ def test_vmlsd_masks_real_words_only():
         assert masked == {i + 1 for i in q[b, 1 : n + 1].topk(T).indices.tolist()}
         assert masked <= set(range(1, n + 1))  # never [SOS] (0), [EOS] (n+1) or padding
     assert torch.equal(out["vmlsd_words"], M.word_positions(ids, am))
+
+
+def test_paper_and_tiny_presets_differ_only_where_the_demo_chose():
+    paper, tiny = M.Config.paper(), M.Config.tiny()
+    assert (paper.correlation, paper.mask_count, paper.seg_loss_at) == ("dot", "nearest", "logits")
+    assert (tiny.correlation, tiny.mask_count, tiny.seg_loss_at) == ("cosine", "stochastic", "gt")
+    assert (paper.decoder_layers, paper.decoder_heads, paper.decoder_ffn) == (3, 8, 2048)  # CRIS
+    assert (paper.neck_dims, paper.dropout, paper.mask_prior) == ((256, 512, 1024), 0.1, None)
+    for name, value in [("correlation", "l2"), ("mask_count", "ceil"), ("seg_loss_at", "x")]:
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            M.build_model(small_cfg(**{name: value}))
+
+
+def test_paper_masks_at_least_one_word_in_every_sentence():
+    """paper(): every sentence with a word masks ⌊α·T + ½⌋ of its top-T, at least one (α = 0.1,
+    T = 1-8: one word each), in the training forward; tiny() leaves most short sentences whole."""
+    n_words = [1, 2, 3, 4, 5, 6, 9, 15]
+    batch = make_batch(small_cfg(), n_words)
+    for mask_count in ("nearest", "stochastic"):
+        model = build(small_cfg(mask_count=mask_count, correlation="dot")).train()
+        hit = []
+        for seed in range(2 if mask_count == "nearest" else 10):
+            torch.manual_seed(seed)
+            per_sentence = model(*batch)["vmlsd_mask"].sum(1)  # (B,)
+            if mask_count == "nearest":
+                assert per_sentence.tolist() == [1] * len(n_words)
+            hit += (per_sentence > 0).tolist()
+        if mask_count == "stochastic":  # P(a masked word) = 0.1·T: 0.31 on these sentences
+            assert np.mean(hit) < 0.5, np.mean(hit)
+    # ...and the rule reaches Eq. 9: each sentence's masked branch differs from the main one.
+    model = build(small_cfg(mask_count="nearest")).eval()
+    images, ids, am, _ = batch
+    with torch.no_grad():
+        vis, txt = model.encode_image(images), model.encode_text(ids, am)
+        M_seg = model.segmenter(vis, txt, am == 0)
+        choice = M.vmlsd_choice(
+            vis.v_global, txt.W_local, model.text_projection, M.word_positions(ids, am), model.cfg
+        )
+        M_vmlsd = model.vmlsd_branch(vis, ids, am, choice.masked)
+    assert ((M_vmlsd - M_seg).flatten(1).abs().amax(1) > 0).all()
+
+
+def test_paper_computes_loss_seg_as_cris():
+    """paper(): BCE between M_seg and the GT resized (nearest) to M_seg's size, as CRIS's
+    segmenter.py; tiny(): M_seg upsampled (bilinear) to the GT."""
+    images, ids, am, targets = make_batch(small_cfg(), [2, 4])
+    masks = targets["masks"]
+    masks[:, 8:9, :] = 1.0  # a one-pixel line that the 2x shrink can drop or keep
+    seg = {}
+    for at in ("logits", "gt"):
+        model = build(small_cfg(seg_loss_at=at)).eval()
+        with torch.no_grad():
+            out = model(images, ids, am, targets)
+        M_seg = out["mask_logits"]  # (B, 1, 16, 16) for a 32 px input
+        assert M_seg.shape[-1] == masks.shape[-1] // 2
+        seg[at] = out["losses"]["seg"]
+        if at == "logits":
+            small = F.interpolate(masks[:, None], M_seg.shape[-2:], mode="nearest")
+            expected = F.binary_cross_entropy_with_logits(M_seg, small)
+        else:
+            up = F.interpolate(M_seg, masks.shape[-2:], mode="bilinear", align_corners=False)
+            expected = F.binary_cross_entropy_with_logits(up, masks[:, None])
+        assert torch.allclose(seg[at], expected), at
+    assert not torch.allclose(seg["logits"], seg["gt"])
+
+
+def test_correlation_is_the_dot_product_in_paper_and_cosine_in_tiny():
+    images, ids, am, targets = make_batch(small_cfg(), [2, 5, 7])
+    for kind in ("dot", "cosine"):
+        model = build(small_cfg(correlation=kind)).eval()
+        with torch.no_grad():
+            out = model(images, ids, am, targets)
+            vis, txt = model.encode_image(images), model.encode_text(ids, am)
+        w, v = txt.w_global[:, None], vis.V_local  # (B, 1, P), (B, N, P)
+        p = (w * v).sum(-1) if kind == "dot" else F.cosine_similarity(w, v, dim=-1)  # Eq. 3
+        assert torch.allclose(out["lmvsd_p"].flatten(1), p, atol=1e-5), kind
+    scores = M.correlation(torch.ones(1, 2), torch.tensor([[[1.0, 1.0], [3.0, 0.0]]]), "dot")
+    assert scores.tolist() == [[2.0, 3.0]]  # the longer token wins the dot product...
+    scores = M.correlation(torch.ones(1, 2), torch.tensor([[[1.0, 1.0], [3.0, 0.0]]]), "cosine")
+    assert scores[0, 0] > scores[0, 1]  # ...the better aligned one the cosine
 
 
 def test_teacher_target_carries_no_gradient():
@@ -296,7 +386,7 @@ def test_every_table_row_builds_and_trains_a_step():
             assert set(spec.get("ablate", ())) <= set(M.ABLATIONS), (table, key)
             row_cfg = dataclasses.replace(cfg, **spec.get("set", {}), ablate=spec.get("ablate", ()))
             if table == "Table 1":
-                assert dataclasses.replace(M.Config.paper(), **spec["set"]).image_size in (576, 532)
+                assert spec["recipe"]["image_size"] in (576, 532)
                 continue
             ablate = spec.get("ablate", ())
             if ablate not in models:
@@ -321,8 +411,48 @@ def test_table_1_vit_l_preset():
     cfg = M.Config.paper_vit_l()
     assert cfg.image_size == 532 and cfg.vision_name == "openai/clip-vit-large-patch14"
     assert cfg.vision_config["patch_size"] == 14 and cfg.projection_dim == 768
-    assert cfg == dataclasses.replace(M.Config.paper(), **M.TABLES["Table 1"][
-        "ViT-L CLIP ViT-L/14 at 532 px"]["set"])  # fmt: skip
+    row = M.TABLES["Table 1"]["ViT-L CLIP ViT-L/14 at 532 px"]
+    assert cfg == dataclasses.replace(M.Config.paper(), **row["set"], **row["recipe"])
+
+
+def paper_builds() -> dict[tuple, list[tuple[str, dict]]]:
+    """Every TABLES row by what it builds: switches, the paper() Config it sets, its recipe."""
+    builds: dict[tuple, list[tuple[str, dict]]] = {}
+    for table, rows in M.TABLES.items():
+        for key, spec in rows.items():
+            cfg = dataclasses.replace(M.Config.paper(), **spec.get("set", {}))
+            build = (tuple(sorted(spec.get("ablate", ()))), repr(cfg),
+                     repr(sorted(spec.get("recipe", {}).items())))  # fmt: skip
+            builds.setdefault(build, []).append((f"{table} {key}", spec["paper"]))
+    return builds
+
+
+def test_one_build_carries_one_paper_number_and_rows_carry_their_recipe():
+    """Rows that build the same model with the same recipe carry the same paper number (Table 2's
+    single-branch rows = Table 5's unshared rows = the default row of each sweep of Tables 3-4).
+    Only Table 1 ran differently from RECIPE + paper() (576 / 532 px), as a row "recipe"."""
+    for rows in paper_builds().values():
+        assert all(paper == rows[0][1] for _, paper in rows), rows
+    shared = {rows[0][0]: len(rows) for rows in paper_builds().values() if len(rows) > 1}
+    assert shared == {  # Tables 2 and 5; with Table 3's / Table 4's three default rows
+        "Table 2 baseline no masked branch": 2,
+        "Table 2 +LMVSD LMVSD only (unshared, = Table 5)": 5,
+        "Table 2 +VMLSD VMLSD only (unshared, = Table 5)": 5,
+        "Table 2 +both LMVSD and VMLSD (shared, the full model)": 2,
+    }
+    for table, rows in M.TABLES.items():
+        for key, spec in rows.items():
+            recipe = spec.get("recipe", {})
+            assert set(recipe) <= set(M.RECIPE) | {"image_size"}, key
+            assert bool(recipe) == (table == "Table 1"), key
+            assert set(spec["paper"]) <= {"Prec@0.5", "Prec@0.7", "Prec@0.9", "mIoU"}, key
+    # The check fails on a table that gives one build two numbers.
+    doctored = {"+LMVSD": {"ablate": ("no_vmlsd", "no_sharing"), "paper": {"mIoU": 71.13}}}
+    tables, M.TABLES = M.TABLES, {**M.TABLES, "Table 9": doctored}
+    try:
+        assert any(len({repr(p) for _, p in rows}) > 1 for rows in paper_builds().values())
+    finally:
+        M.TABLES = tables
 
 
 def test_recipe_is_the_papers():
@@ -360,21 +490,78 @@ def test_diagnostics_on_a_hand_made_batch():
     assert math.isnan(d["lmvsd_target_in_top_T"]) and set(M.diagnostics({}, {})) == set()
 
 
+def test_referent_auc():
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [4.0, 1.0, 3.0, 2.0]])
+    referent = torch.tensor([[1.0, 1.0, 0, 0], [1.0, 1.0, 0, 0], [1.0, 0.5, 0, 0]])
+    others = torch.tensor([[0, 0, 1.0, 1.0], [0, 0, 1.0, 1.0], [0, 0, 1.0, 1.0]])
+    auc = M.referent_auc(scores, referent, others)
+    # first: referent first; second: last; third: patch 0 above both others (weight 1), patch 1
+    # (weight 0.5) below both: (1·2 + 0.5·0) / (1.5·2)
+    assert auc.tolist() == pytest.approx([1.0, 0.0, 2 / 3])
+
+
+def clip_normalised(rgb: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(M.CLIP_MEAN)[:, None, None], torch.tensor(M.CLIP_STD)[:, None, None]
+    return (rgb - mean) / std
+
+
+def test_referent_auc_diagnostic_on_a_hand_made_batch():
+    """2x2 patches on a 4x4 image: the referent is patch (0, 0), another object patch (1, 1),
+    the rest a grey background. Eq. 3 with the own sentence ranks the referent above the other
+    object; with another sentence below it."""
+    rgb = torch.full((2, 3, 4, 4), 0.7)  # grey
+    rgb[:, :, :2, :2] = torch.tensor([0.84, 0.16, 0.16])[:, None, None]  # red: the referent
+    rgb[:, :, 2:, 2:] = torch.tensor([0.16, 0.31, 0.84])[:, None, None]  # blue: another object
+    images = clip_normalised(rgb)
+    assert torch.equal(M.object_pixels(images)[0], (rgb[0].amax(0) - rgb[0].amin(0) > 0.5).float())
+    mask = torch.zeros(2, 4, 4)
+    mask[:, :2, :2] = 1.0
+    p = torch.tensor([[[0.9, 0.8], [0.7, 0.1]], [[0.1, 0.9], [0.8, 0.5]]])  # (B, h, w)
+    outputs = {"lmvsd_top_T": p > 0.6, "lmvsd_mask": p > 0.85, "lmvsd_p": p,
+               "lmvsd_p_other_text": -p, "lmvsd_top_T_other_text": -p > -0.6}  # fmt: skip
+    d = M.diagnostics(outputs, {"mask": mask, "image": images})
+    # sample 0: referent 0.9 > other object 0.1 -> 1; sample 1: 0.1 < 0.5 -> 0; reversed: 0, 1
+    assert d["lmvsd_referent_auc_among_objects"] == pytest.approx(0.5)
+    assert d["lmvsd_referent_auc_among_objects_other_text"] == pytest.approx(0.5)
+    outputs["lmvsd_p"] = torch.tensor([[[0.9, 0.8], [0.7, 0.1]]]).expand(2, 2, 2)
+    d = M.diagnostics(outputs, {"mask": mask, "image": images})
+    assert d["lmvsd_referent_auc_among_objects"] == pytest.approx(1.0)
+    assert "lmvsd_referent_auc_among_objects" not in M.diagnostics(outputs, {"mask": mask})
+
+
+def test_object_pixels_are_the_union_of_the_worlds_objects():
+    """The built-in world paints saturated shapes on a grey-ish background: the saturated pixels
+    of a val image (CLIP-normalised, 64 px) are its objects, patch by patch, up to the edges."""
+    import data
+
+    assert (M.CLIP_MEAN, M.CLIP_STD) == data.MEAN_STD["clip"]
+    errors = []
+    for i in range(12):
+        scene = data.make_scene(i, "val")
+        image = data.prepare_image(scene.image, 64, "clip")[None]
+        objects = data.prepare_mask((scene.labels > 0).astype(np.float32), 64)[None, None]
+        found = F.avg_pool2d(M.object_pixels(image)[:, None], 8)  # (1, 1, 8, 8) patch shares
+        errors.append((found - F.avg_pool2d(objects, 8)).abs().mean().item())
+    assert np.mean(errors) < 0.03, errors
+
+
 def test_diagnostics_from_the_model_in_eval():
     cfg = small_cfg()
     model = build(cfg).eval()
     images, ids, am, targets = make_batch(cfg, [2, 5, 7])
     with torch.no_grad():
         out = model(images, ids, am, targets)
-    d = M.diagnostics(out, {"mask": targets["masks"]})
+    d = M.diagnostics(out, {"mask": targets["masks"], "image": images})
     assert set(d) == {"lmvsd_target_in_top_T", "lmvsd_target_masked",
-                      "lmvsd_target_in_top_T_other_text", "vmlsd_masked_word_share",
+                      "lmvsd_target_in_top_T_other_text", "lmvsd_referent_auc_among_objects",
+                      "lmvsd_referent_auc_among_objects_other_text", "vmlsd_masked_word_share",
                       "vmlsd_masked_per_top_T"}  # fmt: skip
     assert 0 <= d["lmvsd_target_masked"] <= d["lmvsd_target_in_top_T"] <= 1
     # The control ranks the patches by the next sample's sentence (Eq. 3 with w_global rolled).
     with torch.no_grad():
         vis, txt = model.encode_image(images), model.encode_text(ids, am)
-        p_other = M.correlation(txt.w_global.roll(1, dims=0), vis.V_local)  # (B, N)
+        p_other = M.correlation(txt.w_global.roll(1, dims=0), vis.V_local, "cosine")  # (B, N)
+    assert torch.allclose(out["lmvsd_p_other_text"].flatten(1), p_other)
     T = int(out["lmvsd_top_T"][0].sum())
     for b in range(3):
         top = set(out["lmvsd_top_T_other_text"][b].flatten().nonzero().flatten().tolist())
