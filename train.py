@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -626,15 +627,32 @@ def plot_curves(log_path: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    check_numbers(args)
-    module = importlib.import_module(args.method)
+# =============================================================================================
+# The pieces of a run, in the order main() uses them
+# =============================================================================================
 
-    # ---- processes and device -------------------------------------------------------------
+
+@dataclasses.dataclass
+class Processes:
+    """This process among the run's processes (several under torchrun: DDP), and its device."""
+
+    rank: int
+    world: int  # number of processes
+    ddp: bool
+    device: torch.device
+    workers: int  # DataLoader workers
+    amp: str  # autocast dtype: "bf16", "fp16" or "off"
+    amp_ctx: object  # the autocast context (a no-op when amp is off)
+
+    @property
+    def master(self) -> bool:  # rank 0 prints, logs and writes the run's files
+        return self.rank == 0
+
+
+def setup_processes(args: argparse.Namespace) -> Processes:
+    """DDP under torchrun (one process per device), the device, CPU threads, seed, autocast."""
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -656,15 +674,13 @@ def main(argv=None) -> None:
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     amp_ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    scaler = torch.amp.GradScaler(enabled=amp == "fp16")
+    return Processes(rank, world, ddp, device, workers, amp, amp_ctx)
 
-    # ---- config: preset, checkpoint, overrides, ablations ----------------------------------
-    ckpt = load_checkpoint(args.resume, args.method) if args.resume else None
-    args.dataset = args.dataset or (ckpt["dataset"] if ckpt else None)
-    args.dataset = args.dataset or ("gshapes" if args.method == "rela" else "shapes")
+
+def build_config(args, module, ckpt: dict | None, recipe_name: str, master: bool):
+    """The method's Config: the preset (or the checkpoint's), a --row's switches and overrides,
+    then the user's --set and --ablate on top. Returns (cfg, preset, row_name, row_recipe)."""
     synthetic = args.dataset in SYNTHETIC
-    if not synthetic and not args.predict:
-        check_data_files(args.dataset, args.data_root, args.split_by)
     if ckpt:  # the checkpoint's Config is the architecture (--set can still move the threshold)
         cfg = module.Config(**ckpt["config"])
         preset = ckpt["preset"]
@@ -673,7 +689,6 @@ def main(argv=None) -> None:
         cfg = module.Config.tiny() if preset == "tiny" else module.Config.paper()
         if args.no_pretrained:
             cfg = dataclasses.replace(cfg, pretrained=False)
-    recipe_name = args.recipe or ("demo" if synthetic else "paper")
     row_name, row_recipe = None, {}
     if args.row:  # a paper table row: its switches and overrides, then the user's flags on top
         table, key, spec = find_row(module.TABLES, args.row)
@@ -702,10 +717,15 @@ def main(argv=None) -> None:
                 f"choose from {', '.join(module.ABLATIONS)}"
             )
         cfg = dataclasses.replace(cfg, ablate=tuple(dict.fromkeys(cfg.ablate + tuple(names))))
-    family = module.TEXT_ENCODER
-    # The tokenizer of the text encoder: the Hub's for the paper preset, the one saved with the
-    # demo's pretrained tiny encoder (pretrained/tiny-*) for the tiny preset, and the world's
-    # offline word-level tokenizer (the same vocabulary) for random-init tiny encoders.
+    return cfg, preset, row_name, row_recipe
+
+
+def build_tokenizer(cfg, preset: str, family: str):
+    """The text encoder's tokenizer, and the Config tied to it. Returns (tokenizer, cfg).
+
+    The Hub's for the paper preset, the one saved with the demo's pretrained tiny encoder
+    (pretrained/tiny-*) for the tiny preset, and the world's offline word-level tokenizer (the
+    same vocabulary) for random-init tiny encoders."""
     tok_name = cfg.text_name if preset == "paper" or cfg.pretrained else None
     if tok_name and (ROOT / tok_name).is_dir():
         tok_name = str(ROOT / tok_name)
@@ -719,21 +739,28 @@ def main(argv=None) -> None:
         ids = tokenizer.convert_tokens_to_ids(["a", "an", "the"])
         articles = tuple(i for i in ids if i != tokenizer.unk_token_id)
         cfg = dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id, article_ids=articles)
+    return tokenizer, cfg
 
-    # ---- the recipe: demo or the paper's, then the user's flags on top ---------------------------
+
+def build_recipe(args, module, cfg, recipe_name: str, row_recipe: dict, world: int):
+    """The demo's recipe or the paper's (with a --row's), then the user's flags on top.
+    Returns (recipe, batch size per process); the recipe's batch is the total over processes."""
     recipe = dict(DEMO_RECIPE if recipe_name == "demo" else module.RECIPE)
     if recipe_name == "demo":  # the paper's encoder lr factor, 1 for random-init encoders
         recipe["encoder_lr_factor"] = module.RECIPE["encoder_lr_factor"] if cfg.pretrained else 1.0
-    else:  # what the paper's row ran with, where it differs from RECIPE (image_size: above)
+    else:  # what the paper's row ran with, where it differs from RECIPE (image_size: the Config)
         recipe = apply_row_recipe(recipe, row_recipe)
     flags = {"lr": args.lr, "encoder_lr_factor": args.encoder_lr_mult,
              "weight_decay": args.weight_decay, "grad_clip": args.grad_clip}  # fmt: skip
     recipe.update({k: v for k, v in flags.items() if v is not None})
-    # The recipe's batch is the total over all processes; --batch-size is per process.
     batch_size = args.batch_size or max(1, recipe["batch_size"] // world)
     recipe["batch_size"] = batch_size * world
+    return recipe, batch_size
 
-    # ---- data -----------------------------------------------------------------------------
+
+def build_datasets(args, cfg, tokenizer, family: str):
+    """(val set, train set); None for what the run does not need (--predict, --eval-only)."""
+
     def dataset(split, num_samples=None):
         return data.build_dataset(
             args.dataset,
@@ -747,7 +774,8 @@ def main(argv=None) -> None:
             num_samples=num_samples,
         )  # the world's own seed: same val set for every run
 
-    try:  # before the model: a missing file is reported before any encoder is loaded
+    synthetic = args.dataset in SYNTHETIC
+    try:  # before the model: a bad file is reported before any encoder is loaded
         val_set = (
             None
             if args.predict
@@ -756,17 +784,24 @@ def main(argv=None) -> None:
         train_set = None if args.eval_only or args.predict else dataset(args.train_split)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else repr(e))
-    loader_kw = dict(
+    return val_set, train_set
+
+
+def loader_options(batch_size: int, procs: Processes, seed: int) -> dict:
+    return dict(
         batch_size=batch_size,
-        num_workers=workers,
+        num_workers=procs.workers,
         collate_fn=data.collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=procs.device.type == "cuda",
         persistent_workers=False,
         # Loaders draw their worker seeds from this generator, not from the global one, so
         # starting a loader never shifts the model's RNG stream (dropout, masking).
-        generator=torch.Generator().manual_seed(args.seed + rank),
+        generator=torch.Generator().manual_seed(seed + procs.rank),
     )
-    # ---- model ----------------------------------------------------------------------------
+
+
+def load_model(module, cfg, ckpt: dict | None, args) -> torch.nn.Module:
+    """build_model(cfg), with the checkpoint's weights when resuming."""
     try:
         # From a checkpoint the weights are all there: build the architecture without loading
         # the encoders' pretrained weights (no download, works offline).
@@ -778,75 +813,61 @@ def main(argv=None) -> None:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             fail(f"{args.resume} does not fit this {args.method} model ({str(e).splitlines()[0]})")
-    model.to(device)
-    raw_model = model  # unwrapped, for saving and evaluation
+    return model
 
-    # ---- predict: one image, one expression -> an overlay PNG --------------------------------
-    if args.predict:
-        if not ckpt:
-            fail("--predict needs trained weights: add --resume runs/<name>/best.pt")
-        if not args.text or not args.text.strip():
-            fail('--predict needs a non-empty --text, e.g. --text "the red circle"')
-        if not Path(args.predict).is_file():
-            fail(f"image not found: {args.predict}")
-        from PIL import Image
 
-        try:
-            with Image.open(args.predict) as im:
-                pil = im.convert("RGB")  # decodes the whole file: a truncated one fails here
-        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-            fail(f"{args.predict} is not a readable image ({type(e).__name__}: {e})")
-        image = data.prepare_image(pil, cfg.image_size, family)[None].to(device)
-        ids, am = data.encode_text(tokenizer, args.text, cfg.max_tokens)
-        model.eval()
-        with torch.no_grad(), amp_ctx:
-            out = model(image, ids[None].to(device), am[None].to(device))
-        # A method with a no-target head has already emptied mask_logits when it fires.
-        mask = binary_mask(out["mask_logits"], (pil.height, pil.width), cfg.threshold)[0]
-        mask = mask.cpu().numpy()
-        # Beside the checkpoint's run folder, unless --out / --name say where.
-        run_dir = (
-            Path(args.out) / (args.name or args.method) if args.out else Path(args.resume).parent
-        )
-        out_path = run_dir / f"{Path(args.predict).stem}_pred.png"
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 6 * pil.height / pil.width))
-        show_mask(ax, np.asarray(pil), mask, "cyan")
-        ax.set_title(f'"{args.text}"' + ("  (no target)" if not mask.any() else ""))
-        fig.savefig(out_path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        print(f"wrote {out_path} ({int(mask.sum())} pixels selected)")
-        return
+def predict(args, model, cfg, tokenizer, family: str, procs: Processes, trained: bool) -> None:
+    """--predict IMAGE --text "...": one image, one expression -> an overlay PNG."""
+    if not trained:
+        fail("--predict needs trained weights: add --resume runs/<name>/best.pt")
+    if not args.text or not args.text.strip():
+        fail('--predict needs a non-empty --text, e.g. --text "the red circle"')
+    if not Path(args.predict).is_file():
+        fail(f"image not found: {args.predict}")
+    from PIL import Image
 
-    # Each rank evaluates its own slice of the val set; the metric sums are all-reduced.
-    val_loader = DataLoader(val_set, sampler=list(range(rank, len(val_set), world)), **loader_kw)
+    try:
+        with Image.open(args.predict) as im:
+            pil = im.convert("RGB")  # decodes the whole file: a truncated one fails here
+    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        fail(f"{args.predict} is not a readable image ({type(e).__name__}: {e})")
+    device = procs.device
+    image = data.prepare_image(pil, cfg.image_size, family)[None].to(device)
+    ids, am = data.encode_text(tokenizer, args.text, cfg.max_tokens)
+    model.eval()
+    with torch.no_grad(), procs.amp_ctx:
+        out = model(image, ids[None].to(device), am[None].to(device))
+    # A method with a no-target head has already emptied mask_logits when it fires.
+    mask = binary_mask(out["mask_logits"], (pil.height, pil.width), cfg.threshold)[0]
+    mask = mask.cpu().numpy()
+    # Beside the checkpoint's run folder, unless --out / --name say where.
+    run_dir = Path(args.out) / (args.name or args.method) if args.out else Path(args.resume).parent
+    out_path = run_dir / f"{Path(args.predict).stem}_pred.png"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 6 * pil.height / pil.width))
+    show_mask(ax, np.asarray(pil), mask, "cyan")
+    ax.set_title(f'"{args.text}"' + ("  (no target)" if not mask.any() else ""))
+    fig.savefig(out_path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {out_path} ({int(mask.sum())} pixels selected)")
 
-    run_dir = Path(args.out or "runs") / (
-        args.name or row_name and f"{args.method}-{row_name}" or args.method
-    )
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(
-            f"{args.method} ({preset}) on {args.dataset}: "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"device {device}, {world} process(es), run dir {run_dir}"
-        )
 
-    if args.eval_only:
-        metrics = evaluate(raw_model, module, val_loader, cfg, device, amp_ctx, master)
-        if master:
-            print(format_metrics(metrics))
-            # Not metrics.json: evaluating a checkpoint must not overwrite its training summary.
-            out = run_dir / f"eval_{args.val_split}.json"
-            out.write_text(json.dumps({"checkpoint": args.resume, "val": metrics}, indent=2))
-            print(f"wrote {out}")
-        return
+def evaluate_checkpoint(args, model, module, val_loader, cfg, procs: Processes, run_dir) -> None:
+    """--eval-only: the metrics of --resume on --val-split, to eval_<split>.json."""
+    metrics = evaluate(model, module, val_loader, cfg, procs.device, procs.amp_ctx, procs.master)
+    if procs.master:
+        print(format_metrics(metrics))
+        # Not metrics.json: evaluating a checkpoint must not overwrite its training summary.
+        out = run_dir / f"eval_{args.val_split}.json"
+        out.write_text(json.dumps({"checkpoint": args.resume, "val": metrics}, indent=2))
+        print(f"wrote {out}")
 
-    # ---- optimiser and schedule -------------------------------------------------------------
-    optimizer, params = build_optimizer(model, recipe, device, warn=master)
-    steps_per_epoch = len(train_set) // (batch_size * world)
+
+def training_length(args, recipe: dict, n_train: int, batch_size: int, world: int):
+    """(steps per epoch, total steps, warm-up steps): the flags' length, else the recipe's."""
+    steps_per_epoch = n_train // (batch_size * world)
     if steps_per_epoch == 0:
-        fail(f"the training split has {len(train_set)} samples, fewer than one batch per process")
+        fail(f"the training split has {n_train} samples, fewer than one batch per process")
     if args.max_steps:
         total = args.max_steps
     elif args.epochs:
@@ -857,22 +878,178 @@ def main(argv=None) -> None:
         total = recipe["iterations"]
     unit = steps_per_epoch if "epochs" in recipe else 1  # the recipe's warm-up is in its unit
     warmup = args.warmup if args.warmup is not None else round(recipe.get("warmup", 0) * unit)
+    return steps_per_epoch, total, warmup
+
+
+def write_config(path: Path, args, preset: str, recipe: dict, row_recipe: dict, cfg) -> None:
+    """config.json: the flags, the recipe as run and the Config as built."""
+    path.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "preset": preset,
+                "recipe": recipe,
+                "row_recipe": row_recipe,
+                "row_recipe_applied": bool(row_recipe) and recipe["name"] == "paper",
+                "config": dataclasses.asdict(cfg),
+            },
+            indent=2,
+        )  # fmt: skip
+    )
+
+
+def resume_training(ckpt: dict, optimizer, scheduler, scaler, rank: int) -> tuple[int, float]:
+    """The optimizer, schedule, scaler and RNG where the checkpoint left them: (step, best)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["step"], ckpt["best"]
+
+
+def wrap_model(model, args, cfg, procs: Processes) -> torch.nn.Module:
+    """torch.compile (--compile), then DDP under torchrun."""
+    if args.compile:
+        model = torch.compile(model)
+    if procs.ddp:
+        # Ablations may leave blocks unused on purpose; otherwise every parameter is used.
+        model = DDP(
+            model,
+            device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
+            find_unused_parameters=bool(cfg.ablate),
+        )
+    return model
+
+
+def save_checkpoint(path: Path, step: int, best: float, *, meta: dict, model, optimizer,
+                    scheduler, scaler, procs: Processes) -> None:  # fmt: skip
+    """last.pt / best.pt, written atomically by rank 0, with every rank's RNG state so that a
+    resumed run (DDP included) continues exactly. `meta`: method, preset, dataset, config."""
+    rng = [torch.get_rng_state()]
+    if procs.ddp:  # every rank's RNG, so that a resumed DDP run continues exactly
+        rng = [torch.empty_like(rng[0]) for _ in range(procs.world)]
+        dist.all_gather(rng, torch.get_rng_state())
+    if procs.master:
+        save_atomic(
+            {
+                **meta,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "best": best,
+                "rng": rng,
+            },
+            path,
+        )
+
+
+def to_device(batch: dict, device: torch.device):
+    """A training batch on the device: (images, input_ids, attention_mask, targets).
+    Asynchronous copies (from pinned memory on CUDA): the host never waits for the last step."""
+    images = batch["image"].to(device, non_blocking=True)
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    am = batch["attention_mask"].to(device, non_blocking=True)
+    targets = {
+        "masks": batch["mask"].to(device, non_blocking=True),
+        "no_target": batch["no_target"].to(device, non_blocking=True),
+    }
+    return images, ids, am, targets
+
+
+def log_row(step: int, out: dict, lr: float, s_per_step: float) -> dict:
+    """One log.jsonl line of training: the loss and its named terms (reads them off the device:
+    only every --log-every steps)."""
+    return {
+        "step": step,
+        "loss": out["loss"].item(),
+        "lr": lr,
+        **{k: float(torch.as_tensor(v).detach()) for k, v in out["losses"].items()},
+        "s_per_step": s_per_step,
+    }
+
+
+def stop_or_save(args, procs: Processes, step: int, total: int, start_step: int, t_start: float,
+                 t_saved: float) -> tuple[bool, bool]:  # fmt: skip
+    """(done, save last.pt) after a step: the run's length, --time-budget, --run-steps (this
+    invocation's share), --ckpt-minutes. Under DDP every rank must stop (and save) at the same
+    step, even on a clock: the flags are all-reduced (a host sync, DDP only)."""
+    out_of_time = args.time_budget and time.time() - t_start > args.time_budget
+    paused = args.run_steps is not None and step - start_step >= args.run_steps
+    done = step >= total or bool(out_of_time) or paused
+    save = time.time() - t_saved > 60 * args.ckpt_minutes
+    if procs.ddp:
+        flags = torch.tensor([float(done), float(save)], device=procs.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        done, save = bool(flags[0].item()), bool(flags[1].item())
+    return done, save
+
+
+def weight_checksums(model, procs: Processes) -> list[float]:
+    """Each rank's sum of its weights: a DDP run must end with the same weights on every rank."""
+    checksum = torch.tensor(
+        [sum(p.double().sum().item() for p in model.parameters())], device=procs.device
+    )
+    checksums = [checksum]
+    if procs.ddp:
+        checksums = [torch.empty_like(checksum) for _ in range(procs.world)]
+        dist.all_gather(checksums, checksum)
+    return [c.item() for c in checksums]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_numbers(args)
+    module = importlib.import_module(args.method)
+    family = module.TEXT_ENCODER
+    procs = setup_processes(args)
+    device, master, amp_ctx = procs.device, procs.master, procs.amp_ctx
+
+    # ---- config, tokenizer, recipe, data ----------------------------------------------------
+    ckpt = load_checkpoint(args.resume, args.method) if args.resume else None
+    args.dataset = args.dataset or (ckpt["dataset"] if ckpt else None)
+    args.dataset = args.dataset or ("gshapes" if args.method == "rela" else "shapes")
+    synthetic = args.dataset in SYNTHETIC
+    if not synthetic and not args.predict:  # before any tokenizer: the paper's is the Hub's
+        check_data_files(args.dataset, args.data_root, args.split_by)
+    recipe_name = args.recipe or ("demo" if synthetic else "paper")
+    cfg, preset, row_name, row_recipe = build_config(args, module, ckpt, recipe_name, master)
+    tokenizer, cfg = build_tokenizer(cfg, preset, family)
+    recipe, batch_size = build_recipe(args, module, cfg, recipe_name, row_recipe, procs.world)
+    val_set, train_set = build_datasets(args, cfg, tokenizer, family)
+    loader_kw = loader_options(batch_size, procs, args.seed)
+
+    # ---- the model --------------------------------------------------------------------------
+    model = load_model(module, cfg, ckpt, args).to(device)
+    raw_model = model  # unwrapped, for saving and evaluation
+    if args.predict:
+        return predict(args, model, cfg, tokenizer, family, procs, trained=ckpt is not None)
+    # Each rank evaluates its own slice of the val set; the metric sums are all-reduced.
+    val_indices = list(range(procs.rank, len(val_set), procs.world))
+    val_loader = DataLoader(val_set, sampler=val_indices, **loader_kw)
+    run_dir = Path(args.out or "runs") / (
+        args.name or row_name and f"{args.method}-{row_name}" or args.method
+    )
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(
+            f"{args.method} ({preset}) on {args.dataset}: "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"device {device}, {procs.world} process(es), run dir {run_dir}"
+        )
+    if args.eval_only:
+        return evaluate_checkpoint(args, raw_model, module, val_loader, cfg, procs, run_dir)
+
+    # ---- optimiser and schedule -------------------------------------------------------------
+    optimizer, params = build_optimizer(model, recipe, device, warn=master)
+    steps_per_epoch, total, warmup = training_length(
+        args, recipe, len(train_set), batch_size, procs.world
+    )
     recipe.update(name=recipe_name, total_steps=total, warmup_steps=warmup)
     val_every = args.val_every or (500 if synthetic else steps_per_epoch)
     if master:
-        (run_dir / "config.json").write_text(
-            json.dumps(
-                {
-                    "args": vars(args),
-                    "preset": preset,
-                    "recipe": recipe,
-                    "row_recipe": row_recipe,
-                    "row_recipe_applied": bool(row_recipe) and recipe_name == "paper",
-                    "config": dataclasses.asdict(cfg),
-                },
-                indent=2,
-            )  # fmt: skip
-        )
+        write_config(run_dir / "config.json", args, preset, recipe, row_recipe, cfg)
         print(f"recipe ({recipe_name}): {describe_recipe(recipe)}; {total} steps")
     t_start, step, best = time.time(), 0, -1.0
 
@@ -883,58 +1060,27 @@ def main(argv=None) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, progress(), recipe)
     )
+    scaler = torch.amp.GradScaler(enabled=procs.amp == "fp16")
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best = ckpt["step"], ckpt["best"]
-        torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        # Ablations may leave blocks unused on purpose; otherwise every parameter is used.
-        model = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(cfg.ablate),
-        )
-
-    def checkpoint(path: Path) -> None:
-        rng = [torch.get_rng_state()]
-        if ddp:  # every rank's RNG, so that a resumed DDP run continues exactly
-            rng = [torch.empty_like(rng[0]) for _ in range(world)]
-            dist.all_gather(rng, torch.get_rng_state())
-        if master:
-            save_atomic(
-                {
-                    "method": args.method,
-                    "preset": preset,
-                    "dataset": args.dataset,
-                    "config": dataclasses.asdict(cfg),
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "best": best,
-                    "rng": rng,
-                },
-                path,
-            )
+        step, best = resume_training(ckpt, optimizer, scheduler, scaler, procs.rank)
+    model = wrap_model(model, args, cfg, procs)
+    meta = {"method": args.method, "preset": preset, "dataset": args.dataset,
+            "config": dataclasses.asdict(cfg)}  # fmt: skip
+    checkpoint = functools.partial(save_checkpoint, meta=meta, model=raw_model,
+                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                   procs=procs)  # fmt: skip
 
     # ---- the training loop ------------------------------------------------------------------
     # A resumed run continues its log; a fresh one starts a new log.
     log = open(run_dir / "log.jsonl", "a" if ckpt else "w") if master else None  # noqa: SIM115
     sampler = DistributedSampler(
-        train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True
+        train_set, procs.world, procs.rank, shuffle=True, seed=args.seed, drop_last=True
     )
     # In a log file (no terminal) a bar redrawn 10 times a second is noise: every 30 s instead.
     bar = tqdm(total=total, initial=step, desc=args.method, disable=not master,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # fmt: skip
     model.train()
-    t_log, done, metrics, start_step = time.time(), step >= total, None, step
-    t_saved = time.time()
+    t_log, t_saved, done, metrics, start_step = time.time(), time.time(), step >= total, None, step
     while not done:
         # The epoch's order is a function of (seed, epoch), so a resumed run skips exactly the
         # batches it has already seen instead of replaying them.
@@ -942,18 +1088,9 @@ def main(argv=None) -> None:
         sampler.set_epoch(epoch)
         order = list(sampler)[skip * batch_size : steps_per_epoch * batch_size]
         for batch in DataLoader(train_set, sampler=order, drop_last=True, **loader_kw):
-            images = batch["image"].to(device, non_blocking=True)
-            targets = {
-                "masks": batch["mask"].to(device),
-                "no_target": batch["no_target"].to(device),
-            }
+            images, input_ids, attention_mask, targets = to_device(batch, device)
             with amp_ctx:
-                out = model(
-                    images,
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    targets=targets,
-                )
+                out = model(images, input_ids, attention_mask, targets=targets)
             scaler.scale(out["loss"]).backward()
             if recipe["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
@@ -965,26 +1102,14 @@ def main(argv=None) -> None:
             step += 1
             bar.update(1)
 
-            if master and step % args.log_every == 0:
-                row = {
-                    "step": step,
-                    "loss": out["loss"].item(),
-                    "lr": scheduler.get_last_lr()[-1],
-                    **{k: float(torch.as_tensor(v).detach()) for k, v in out["losses"].items()},
-                    "s_per_step": (time.time() - t_log) / args.log_every,
-                }
+            if master and step % args.log_every == 0:  # the only host sync of a step
+                row = log_row(step, out, scheduler.get_last_lr()[-1],
+                              (time.time() - t_log) / args.log_every)  # fmt: skip
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                 t_log = time.time()
-            out_of_time = args.time_budget and time.time() - t_start > args.time_budget
-            paused = args.run_steps is not None and step - start_step >= args.run_steps
-            done = step >= total or bool(out_of_time) or paused
-            save = time.time() - t_saved > 60 * args.ckpt_minutes
-            if ddp:  # all ranks must stop (and save) at the same step, even on a clock
-                flags = torch.tensor([float(done), float(save)], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                done, save = bool(flags[0].item()), bool(flags[1].item())
+            done, save = stop_or_save(args, procs, step, total, start_step, t_start, t_saved)
             if step % val_every == 0 or done:
                 metrics = evaluate(raw_model, module, val_loader, cfg, device, amp_ctx, master)
                 if master:
@@ -993,10 +1118,10 @@ def main(argv=None) -> None:
                     tqdm.write(f"step {step}: {format_metrics(metrics)}")
                 if metrics["mIoU"] > best:
                     best = metrics["mIoU"]
-                    checkpoint(run_dir / "best.pt")
+                    checkpoint(run_dir / "best.pt", step, best)
                 save = True
             if save:
-                checkpoint(run_dir / "last.pt")
+                checkpoint(run_dir / "last.pt", step, best)
                 t_saved = time.time()
             if done:
                 break
@@ -1005,38 +1130,23 @@ def main(argv=None) -> None:
         metrics = evaluate(raw_model, module, val_loader, cfg, device, amp_ctx, master)
 
     # ---- wrap up ----------------------------------------------------------------------------
-    # A DDP sanity check worth recording: every rank must hold the same weights at the end.
-    checksum = torch.tensor(
-        [sum(p.double().sum().item() for p in raw_model.parameters())], device=device
-    )
-    checksums = [checksum]
-    if ddp:
-        checksums = [torch.empty_like(checksum) for _ in range(world)]
-        dist.all_gather(checksums, checksum)
+    checksums = weight_checksums(raw_model, procs)  # every rank
     if master:
         log.close()
         train_time = time.time() - t_start
-        summary = {
-            "val": metrics,
-            "best_mIoU": best,
-            "step": step,
-            "train_time_s": train_time,
-            "ablate": list(cfg.ablate),
-            "row": args.row,
-            "recipe": recipe_name,
-            "weight_checksums": [c.item() for c in checksums],
-        }
+        summary = {"val": metrics, "best_mIoU": best, "step": step, "train_time_s": train_time,
+                   "ablate": list(cfg.ablate), "row": args.row, "recipe": recipe_name,
+                   "weight_checksums": checksums}  # fmt: skip
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
-        draw_samples(
-            raw_model, module, val_set, tokenizer, cfg, device, family, run_dir / "samples.png"
-        )
+        draw_samples(raw_model, module, val_set, tokenizer, cfg, device, family,
+                     run_dir / "samples.png")  # fmt: skip
         print(
             f"done: {step} steps in {train_time / 60:.1f} min, val mIoU {metrics['mIoU']:.4f}, "
             f"oIoU {metrics['oIoU']:.4f}, "
             f"text-swap IoU {metrics.get('text_swap_IoU', math.nan):.3f}; outputs in {run_dir}"
         )
-    if ddp:
+    if procs.ddp:
         dist.destroy_process_group()
 
 
