@@ -45,7 +45,9 @@ folder's README.md: Swin attribute accuracy (per label, exact set; with the per-
 each object's size / colour / shape named from each stage), BERT masked-word accuracy, CLIP
 image-to-text / text-to-image top-1 among the captions of a batch, and the patch property the
 CLIP-family methods rely on (share of the referred object's patches in the top half of patches
-ranked by cosine with the sentence; chance 0.5).
+ranked by cosine with the sentence; chance 0.5), with its control (the same with another scene's
+sentence) and the referent's rank among the objects' patches alone (an AUC, own sentence and
+another's; chance 0.5: objects cannot fill that cut).
 
 Run `python pretrain.py`: the three parts train side by side, one process and one thread each
 (for ops this small one thread per part beats two, and the weights are bitwise the same whatever
@@ -558,13 +560,26 @@ def clip_step(clip, head, tokenizer, world: World, seed: int, step: int, batch_s
     return clip_losses(clip, head, clip_batch(world, tokenizer, seed, step, batch_size))
 
 
+def referent_auc(scores: torch.Tensor, referent: torch.Tensor, others: torch.Tensor):
+    """(B,) weighted AUC: the chance that a patch of the referent outranks a patch of another
+    object of the scene. scores (B, N) the ranking; referent, others (B, N) each patch's share of
+    the referent and of the other objects (the pair weights). 0.5 = the ranking finds objects but
+    not which one; 1 = every referent patch above every other object's."""
+    order = scores.argsort(dim=1)  # (B, N) ascending
+    t, u = referent.gather(1, order), others.gather(1, order)
+    below = u.cumsum(1) - 0.5 * u  # other-object mass ranked below each patch (itself: half)
+    return (t * below).sum(1) / (t.sum(1) * u.sum(1)).clamp_min(1e-12)
+
+
 @torch.no_grad()
 def clip_quality(clip, tokenizer, val: World, n: int, batch_size: int) -> dict:
     """Retrieval top-1 among the captions of a batch (a hit = the top caption fits the image, and
-    the top image fits the caption) and the patch property on val referring expressions."""
+    the top image fits the caption) and the patch property on val referring expressions, with its
+    control: the same ranking by another scene's sentence (the next sample of the batch)."""
     clip.eval()
     rng = np.random.default_rng(12345)
     i2t, t2i, share, forms = [], [], {}, []
+    auc, auc_other, half_other = [], [], []
     for start in range(0, n, batch_size):
         samples = [val[i] for i in range(start, min(n, start + batch_size))]
         pixel_values = images(samples, "clip")
@@ -586,6 +601,14 @@ def clip_quality(clip, tokenizer, val: World, n: int, batch_size: int) -> dict:
             inside = (target * (rank < k)).sum(1) / target.sum(1)  # (B,)
             share[name] = share.get(name, []) + inside.tolist()
         forms += [s.form for s in samples]
+        # Among the objects' patches only (objects cannot fill this cut): the referent's rank,
+        # with its own sentence and with the next sample's (cm_masksd's diagnostic, on labels).
+        others = torch.from_numpy(np.stack([s.cover.sum(0) for s in samples])) - target
+        other = torch.einsum("bnp,bp->bn", F.normalize(patches, dim=-1), sentence.roll(1, 0))
+        auc += referent_auc(cosine, target, others.clamp(min=0)).tolist()
+        auc_other += referent_auc(other, target, others.clamp(min=0)).tolist()
+        rank_other = other.argsort(1, descending=True).argsort(1)  # (B, N)
+        half_other += ((target * (rank_other < GRID * GRID // 2)).sum(1) / target.sum(1)).tolist()
     half, quarter, forms = np.array(share["half"]), np.array(share["quarter"]), np.array(forms)
     return {
         "clip_image_to_text_top1": float(np.mean(i2t)),
@@ -598,6 +621,10 @@ def clip_quality(clip, tokenizer, val: World, n: int, batch_size: int) -> dict:
         },
         "clip_target_share_top_quarter": float(quarter.mean()),
         "clip_target_share_top_quarter_chance": 0.25,
+        "clip_target_share_top_half_other_sentence": float(np.mean(half_other)),
+        "clip_referent_auc_among_objects": float(np.mean(auc)),
+        "clip_referent_auc_among_objects_other_sentence": float(np.mean(auc_other)),
+        "clip_referent_auc_among_objects_chance": 0.5,
     }
 
 

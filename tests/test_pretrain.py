@@ -170,6 +170,8 @@ def test_shipped_encoders_learned_their_objectives():
     clip_tok = AutoTokenizer.from_pretrained(FOLDER / "tiny-clip")
     q = pretrain.clip_quality(clip, clip_tok, pretrain.World("val"), 32, 32)
     assert q["clip_target_share_top_half"] > 0.85  # chance 0.5; 500 val scenes: see quality.json
+    # ...and the sentence matters: another scene's sentence puts less of the referent on top.
+    assert q["clip_target_share_top_half_other_sentence"] < q["clip_target_share_top_half"] - 0.1
 
     bert = BertForMaskedLM.from_pretrained(FOLDER / "tiny-bert").eval()
     bert_tok = AutoTokenizer.from_pretrained(FOLDER / "tiny-bert")
@@ -201,3 +203,22 @@ def test_swin_object_term_starts_at_chance_and_is_off_at_weight_zero():
     assert row["loss"] == pytest.approx(
         row["presence"] + row["size"] + row["colour"] + row["shape"]
     )
+
+
+def test_referent_auc_among_objects_and_its_recorded_control():
+    """The referent's rank among the objects' patches (an AUC weighted by patch cover): 1 when
+    every referent patch is above every other object's, 0 when below; quality.json holds it for
+    the shipped CLIP with its own and with another scene's sentence."""
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [4.0, 1.0, 3.0, 2.0]])
+    referent = torch.tensor([[1.0, 1.0, 0, 0], [1.0, 1.0, 0, 0], [1.0, 0.5, 0, 0]])
+    others = torch.tensor([[0, 0, 1.0, 1.0], [0, 0, 1.0, 1.0], [0, 0, 1.0, 1.0]])
+    auc = pretrain.referent_auc(scores, referent, others)
+    assert auc.tolist() == pytest.approx([1.0, 0.0, (1 * 2 + 0.5 * 0) / (1.5 * 2)])
+    # Only referent-vs-other pairs count: reordering the referent's own patches changes nothing.
+    first = pretrain.referent_auc(scores[:1], referent[:1], others[:1])
+    swapped = pretrain.referent_auc(torch.tensor([[3.0, 4.0, 2.0, 1.0]]), referent[:1], others[:1])
+    assert first.item() == swapped.item() == 1.0
+    own, other = (QUALITY[f"clip_referent_auc_among_objects{k}"] for k in ("", "_other_sentence"))
+    assert 0 <= other < own <= 1 and QUALITY["clip_referent_auc_among_objects_chance"] == 0.5
+    assert QUALITY["clip_target_share_top_half_other_sentence"] < QUALITY[
+        "clip_target_share_top_half"]  # fmt: skip
