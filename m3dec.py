@@ -1,139 +1,74 @@
 """M3Dec: Multi-Modal Mutual Attention and Iterative Interaction for Referring Image Segmentation.
-
 Chang Liu, Henghui Ding, Yulun Zhang, Xudong Jiang. IEEE Transactions on Image Processing 32,
-3054-3065, 2023. https://arxiv.org/abs/2305.15302
+3054-3065, 2023. Paper: https://arxiv.org/abs/2305.15302 · release: none (nor of VLT's Swin
+version); base architecture VLT (ICCV'21): https://github.com/henghuiding/Vision-Language-Transformer
+Lab notes, every measurement behind the choices below: docs/m3dec.md.
 
-Idea. In a generic transformer decoder the words only *weigh* vision features: the output for each
-word is a mix of pixels (language-attended vision feature, LAV), so language fades away layer after
-layer. Multi-Modal Mutual Attention (M3Att, Eq. 1-2) computes one word-pixel matrix A_mut and
-normalises it along both axes: along pixels it gives LAV (one vision vector per word), along words
-it gives the vision-attended language feature VAL (one language vector per pixel). Their product
-F_mul = F_V^a (F_L^a)^T is a genuinely multi-modal feature. A stack of M3Dec layers (Fig. 3c) uses
-it as the value of a cross-attention; Iterative Multi-Modal Interaction (IMI, Eq. 3, Fig. 4) puts
-freshly transformed language back in between layers; Language Feature Reconstruction (LFR, Eq. 4,
-Fig. 5) is a training-only loss asking the last decoder output to still contain the sentence. A mask
-decoder (Fig. 6) uses the decoder's word features as 1x1 kernels over the encoded image.
+Idea. In a generic transformer decoder the words only *weigh* vision features: each word's output
+is a mix of pixels (language-attended vision feature, LAV), so language fades layer after layer.
+Multi-Modal Mutual Attention (M3Att, Eq. 1-2) computes one word-pixel matrix A_mut and normalises
+it along both axes: along pixels it gives LAV (one vision vector per word), along words the
+vision-attended language feature VAL (one language vector per pixel); F_mul = F_V^a (F_L^a)^T fuses
+them. A stack of M3Dec layers (Fig. 3c) uses it as a cross-attention's value; Iterative Multi-Modal
+Interaction (IMI, Eq. 3, Fig. 4) puts freshly transformed language back in between layers; Language
+Feature Reconstruction (LFR, Eq. 4, Fig. 5) is a training-only loss asking the last decoder output
+to still contain the sentence. The mask decoder (Fig. 6) uses the words' features as 1x1 kernels.
+    image -> Swin-B -> F_vis (stride 16) -> N_enc = 2 transformer encoder layers -> F_enc
+    text -> BERT -> F_t, F_t';  F_t -> [M3Dec layer -> IMI] x 2 -> M3Dec layer -> F_dec
+    (F_dec, F_enc) -> mask decoder -> logits at stride 2;  F_dec -> LFR loss (training only)
 
-Pipeline (Fig. 2), with the transformer-backbone row of Table IV (Swin-B + BERT, 480 px):
-    image -> Swin pyramid -> stride-16 map F_vis -> N_enc transformer encoder layers -> F_enc
-    text  -> BERT -> F_t (one vector per token), F_t' (sentence)
-    F_t -> M3Dec layer -> IMI -> M3Dec layer -> IMI -> M3Dec layer -> F_dec   (N_dec = 3)
-    (F_dec, F_enc) -> mask decoder -> mask logits (stride 2);  F_dec -> LFR loss (training only)
+Symbols (paper -> code). B batch, N_t = max_tokens, C channels, HW pixels of F_enc.
+    F_enc, F_t, F_t'                  F_enc (B, HW, C), F_t (B, N_t, C), F_t_sent (B, C)
+    F_L^k, F_L^v, F_V^k, F_V^v        MutualAttention.key_L / value_L / key_V / value_V
+    A_mut (Eq. 1)                     A_mut (B, N_t, HW)
+    softmax(A_mut), softmax(A_mut^T)  attn_V (B, N_t, HW), attn_L (B, HW, N_t)
+    F_V^a (LAV), F_L^a (VAL), F_mul   F_V_a (B, N_t, C), F_L_a (B, HW, C), F_mul (B, N_t, HW)
+    F_q                               F_q, the query after the layer's self-attention
+    F_dec^n, F_l^n, F_i^n, w_ci^n     IterativeInteraction: F_dec, F_l, F_i, w_ci
+    W_a^n, W_l'^n (Eq. 3)             IterativeInteraction.W_a, .W_l
+    e, W_proj, F_proj, F_rec (Eq. 4)  LanguageReconstruction.e, .W_proj; F_proj, F_rec (B, C)
+    w_mask, w_rec (Eq. 5)             Config.w_mask = 1, Config.w_rec = 0.1
 
-Symbols (paper -> code). Shapes: B batch, N_t = max_tokens words, C channels, HW pixels of F_enc.
-    F_vis, F_enc              F_vis (B, C, H, W), F_enc (B, HW, C)
-    F_t, F_t'                 F_t (B, N_t, C), F_t_sent (B, C)
-    F_L^k, F_L^v, F_V^k, F_V^v   MutualAttention.key_L / value_L / key_V / value_V outputs
-    A_mut (Eq. 1)             A_mut (B, N_t, HW)
-    softmax(A_mut), softmax(A_mut^T)   attn_V (B, N_t, HW), attn_L (B, HW, N_t)
-    F_V^a (LAV), F_L^a (VAL)  F_V_a (B, N_t, C), F_L_a (B, HW, C)
-    F_mul                     F_mul (B, N_t, HW), projected back to (B, N_t, C)
-    F_q                       F_q: the query after the layer's self-attention
-    F_dec^n, F_l^n, F_i^n, w_ci^n   IterativeInteraction: F_dec, F_l, F_i, w_ci
-    W_a^n, W_l'^n (Eq. 3)     IterativeInteraction.W_a, .W_l
-    e, W_proj, F_proj, F_rec  LanguageReconstruction.e / .W_proj, F_proj (B, C), F_rec (B, C)
-    w_mask, w_rec (Eq. 5)     Config.w_mask = 1, Config.w_rec = 0.1
+Recipe (§IV-A; RECIPE at the end, train.py --recipe paper): Adam, lr 0.005 with a step decay, 50
+epochs, batch 48; loss 1 x BCE + 0.1 x LFR's MSE (Eq. 5). The ablation tables ran the CNN row
+(Darknet-53 + GRU at 416 px): their rows carry "recipe": {"image_size": 416}.
 
-Training recipe (§IV-A; `RECIPE`, used by `train.py --recipe paper`): Adam, lr 0.005 with a step
-decay, 50 epochs, batch 48 on 4 V100; loss w_mask BCE + w_rec LFR = 1 x BCE + 0.1 x MSE (Eq. 5).
-The paper gives one recipe for its CNN and Swin rows. The built-in demo does not use it: train.py's
-DEMO_RECIPE (AdamW 1e-3, encoders at this RECIPE's factor 1, poly decay, 100 warm-up steps, 3000
-steps of batch 16, clip 1) fits a CPU budget, which 50 epochs of batch 48 do not.
-
-Calibrated start. The last mask convolution starts with bias log(p / (1 - p)), p = Config.mask_prior
-(the training masks' foreground share, 3.2% on the synthetic shapes), so the first prediction is the
-prior, not p = 0.5 everywhere: at 0.5 the BCE's gradient mostly says "less foreground" and, on the
-earlier demo preset, no pixel crossed 0.5 after 500 steps (mIoU 0.0; 20.4 with the calibrated bias).
-The first loss is the prior's entropy: 0.148 on a batch of shapes whose H(p) is 0.146 nats.
-
-Ablations (ABLATIONS names components; TABLES spells out every paper row as flags + --set):
-    TABLE I:   num_dec_layers 1-4 x {shared (default), independent_matrices, generic_attention}
-    TABLE II:  #0 generic_attention,no_imi,no_lfr  #1 no_imi,no_lfr  #2 no_lfr
-               #3 imi_fixed_ft,no_lfr  #4 (nothing)
-    TABLE III: vlt_mask_decoder, concat_mask_decoder, (nothing)
-
-Differences from the paper. No official code exists (nor for VLT's Swin version), so there is no
-release to differ from; every line below is ours.
-The paper is silent:
-- Encoders: HF SwinBackbone (Swin-B, window 12, 384 in22k) + BertModel, every layer trained; the
-  text describes its CNN + bi-LSTM row and not what is frozen in the Swin row.
-- F_vis: Swin stages enc_stage-1..enc_stage+1 (strides 8/16/32 for Swin-B) fused into one map at
-  the stride of stage `enc_stage` (1x1 conv each, coarser upsampled, finer average-pooled, concat,
-  1x1 conv), as VLT's neck feeds one 1/16 map to its transformer; the paper only says H x W x C.
-- The encoder sees vision only (as the text says); VLT's multiplication with the sentence feature
-  before the encoder is not used. Positional encoding: a fixed 2-D sine encoding, added once.
-- Transformer layers (encoder, M3Dec, mask decoder): post-norm as in [5], FFN width 4C, dropout
-  0.1, ReLU. The M3Dec layer has residual + LayerNorm around each sub-layer and an FFN (Fig. 3c).
-- "All linear layers and convolutions are followed by BN and ReLU" (§IV-A) is applied to feature
-  layers: text projection, neck, F_mul projection, IMI language transform, the first two LFR
-  reconstruction linears, the mask convs but the last; attention q/k/v projections are plain [5].
-- BatchNorm over words (text projection, M3Att projection, IMI's transform and BN, LFR's MLP)
-  takes its statistics from the real tokens only: padded rows (2/3 of the rows on the demo) would
-  otherwise set the statistics; they are set to 0 after it. The mask decoder's BatchNorm2d sees
-  pixels; padded words only enter it as zeroed input maps.
-- F_t = BERT's last hidden states of all tokens ([CLS] and [SEP] included) -> Linear+BN+ReLU to C;
-  F_t' = the projected [CLS] state (the paper's final LSTM state).
-- M3Att is single-head with the 1/sqrt(C) scale of Eq. 1; the 8 heads are used in the encoder and
-  in the self-/cross-attentions. Padded words get -inf before every softmax over words (Eq. 2b,
-  Eq. 3, key padding masks); their rows still exist so that N_t is fixed.
-- The M3Dec cross-attention uses the M3Att output as key and value (the paper names the value).
-  The first M3Dec query is F_t without an added positional encoding (BERT already encodes order).
-- Independent matrices: two extra key projections give a second A_mut used for VAL (Eq. 2b);
-  the first one stays for LAV (Eq. 2a), as §IV-B describes.
-- Generic attention (LAV only): M3Att + cross-attention are replaced by one multi-head
-  cross-attention from the query to F_enc (the VLT decoder layer).
-- IMI: N_dec - 1 blocks, one between each two successive M3Dec layers; F_l^n = Linear+BN+ReLU of
-  F_l^{n-1}; softmax over the words of F_l^n; w_ci^n starts at 1. IMI* (imi_fixed_ft):
-  F_i^n := F_t for every block, no language pathway (Table II #3).
-- LFR: N_t counts the attended tokens [CLS]..[SEP]; e is the sine/cosine embedding of [5]; the
-  first two reconstruction linears are Linear+BN+ReLU; average pooling over the attended tokens;
-  MSE over channels.
-- Mask decoder: self-attention over F_dec (8 heads, residual + LayerNorm), F_dec rows as 1x1 kernels
-  on F_enc -> N_t maps (padded words zeroed), four 3x3 convs (512 channels) with x2 bilinear
-  upsampling between them down to stride 2 (VLT's seg_out_stride = 2); the last conv's bias is the
-  calibrated start above.
-- VLT mask decoder (TABLE III): the N_t maps come from Linear(C -> HW) + ReLU on F_dec (VLT's
-  `Dense(spatial_size)`), same convs; VLT's query-balance gate is left out.
-- Concate mask decoder (TABLE III, "we sum and concatenate them with the transformer encoder
-  output"): F_dec summed over the real words, tiled over the pixels and concatenated with F_enc
-  (2C channels) replaces the N_t kernel maps; same convs.
-- Loss: BCE on the logits upsampled (bilinear) to the GT's resolution, as train.py upsamples them
-  to score; the GT shrunk to the stride-2 logits by nearest neighbour caps the IoU of the 64 px
-  demo at 0.81 (0.96 with the full-resolution GT, measured on 300 val masks); threshold 0.5
-  (the BERT-family convention here; VLT used 0.35). The paper's "IoU" is read as VLT's evaluation,
-  the mean of the per-sample IoUs (mIoU here); its ablations use the CNN row (Darknet-53 + GRU).
-- Visualisation (sample_extra): the last layer's LAV map softmax(A_mut) (Eq. 2a) of the word that
-  receives the most VAL attention (sum over pixels of softmax(A_mut^T)) and that word's VAL map
-  (Eq. 2b); with generic attention, the head-averaged map of the word with the highest peak.
+Differences, one line each; "both" = paper() and tiny(); (#x) = docs/m3dec.md#x, the evidence.
+The paper is silent (one stated choice each; no release to take it from):
+- both: HF Swin-B (window 12, 384 px, in22k) + bert-base-uncased, every layer trained (#encoders)
+- both: F_vis = Swin stages k-1, k, k+1 fused at stage k's stride, as VLT's 1/16 map (#enc_stage)
+- both: transformer layers post-norm as [5], FFN 4C, dropout 0.1, ReLU (#ffn_dim, #dropout)
+- both: a 2-D sine position added once to F_vis; the first M3Dec query F_t gets none (BERT's order)
+- both: F_t = BERT's states of all tokens -> Linear+BN+ReLU to C; F_t' = its [CLS] row (#encoders)
+- both: §IV-A's BN + ReLU on feature layers; q/k/v and the 1x1 F_dec kernels are plain (#bn_relu)
+- both: BatchNorm over words sees the real tokens only; padded rows are set to 0 (#max_tokens)
+- both: M3Att single-head (Eq. 1's 1/sqrt(C)); padded words get -inf before softmaxes over words
+- both: Fig. 3c's cross-attention: F_q is the query, the M3Att output its key and value
+- both: IMI's w_ci^n starts at 1 (w_ci_init); IMI* (imi_fixed_ft) injects F_t, no pathway (#ablate)
+- both: LFR's e is [5]'s sine/cosine; N_t counts [CLS]..[SEP], which F_rec averages; MSE.
+- both: mask decoder: self-attn + LayerNorm, 3x3 convs of 512, x2 up to stride 2 (#out_stride)
+- both: BCE on the logits upsampled to the GT's resolution; masks at sigmoid > 0.5 (#out_stride)
+- both: F_mul -> C is a Linear(HW -> C): another image_size or more tokens than N_t raise
+- both: the tables' "IoU" read as VLT's mean of per-sample IoUs, mIoU here (#TABLES)
+- both: ablations: independent = 2 extra key projections for VAL; generic = VLT's layer (#ablate)
+- both: RECIPE's step milestones, decay 0.1, no warm-up, clip or weight decay: VLT's (#RECIPE)
+- both: samples.png shows LAV / VAL of the expression's first content word (#sample_extra)
+The release differs: no release, nothing to differ from.
 We deviate on purpose:
-- Eq. 3 gets a 1/sqrt(C) scale (none is written): without it the softmax saturates at C = 256.
-- LFR target: F_proj is detached by default (`lfr_stop_grad`) and W_proj, which then gets no
-  gradient, stays at its random initialisation (a fixed random projection of the trained F_t).
-  Without it a constant satisfies the objective and the target shrinks towards one. Default demo,
-  step 500, without / with: |F_proj| 0.76 / 2.15, its spread across sentences 0.016 / 0.044,
-  R^2 -0.64 / 0.41 (diagnostics()), mIoU 0.063 / 0.082.
-  `--set lfr_stop_grad=False` gives the paper's objective.
-- LFR's third reconstruction linear is a plain Linear, the regression output (as the last mask
-  conv): after BN + ReLU the output starts at unit scale per channel while F_proj varies by ~0.04
-  across sentences; R^2 at 500 demo steps was -5.7 with BN + ReLU there, -0.02 without.
-- Fixed size: F_mul (N_t x HW) -> Linear(HW -> C) ties the model to Config.image_size (and the mask
-  decoder to max_tokens); other image sizes raise a ValueError, shorter texts are padded to
-  max_tokens, longer ones raise.
-- Tiny preset (the demo: 64 px, the shared pretrained tiny Swin, patch 4, depths 2 = shifted
-  windows in every stage): F_enc is Swin stage 2 (8 x 8, stride 8) instead of stage 3 (stride 16,
-  4 x 4), and the mask decoder upsamples twice instead of three times, so the output keeps the
-  paper's stride 2 (32 x 32 logits). A 4 x 4 F_enc puts a whole 8-16 px object into one or two
-  cells: with the earlier random-init tiny Swin, a 4 x 4 F_enc reached mIoU 0.13 after 3000 steps,
-  an 8 x 8 one about 0.3 after 600. `--set enc_stage=3` gives the paper's stride 16.
-
-Reference code: none released. Base architecture: VLT (ICCV'21),
-https://github.com/henghuiding/Vision-Language-Transformer (TF/Keras).
+- tiny() only: 64 px, tiny Swin + BERT; F_enc = Swin stage 2 (8 x 8, stride 8) (#enc_stage)
+- tiny() only: hidden_dim 32, mask_dim 32, num_heads 4, ffn_dim 64, dropout 0 (#hidden_dim ff.)
+- tiny() only: max_tokens 20, the repository's BERT-family length (#max_tokens)
+- tiny() only: Eq. 3's logits scaled by 1/sqrt(C), none is written (#imi_scale)
+- tiny() only: LFR's target detached, W_proj a fixed random projection (#lfr_stop_grad)
+- tiny() only: W_proj has a bias; Eq. 4 writes W_proj in R^{C x C} (#lfr_proj_bias)
+- tiny() only: LFR's third reconstruction linear is a plain Linear (#lfr_last_bn_relu)
+- tiny() only: the last mask conv's bias starts at logit(0.03), the shapes' share (#mask_prior)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -160,79 +95,6 @@ ABLATIONS: dict[str, str] = {
     "tiled over the pixels, instead of F_dec as 1x1 kernels",
 }
 
-# The paper's ablation tables, all on RefCOCO val with the CNN row of Table IV (Darknet-53 + GRU:
-# its RefCOCO val IoU 67.88 is the tables' full model), not the Swin-B + BERT row of paper().
-# "IoU": read as VLT's released evaluation (callbacks/eval.py averages the per-sample IoUs), i.e.
-# mIoU here; Pr@0.5 / Pr@0.9 are Prec@0.5 / Prec@0.9.
-# TABLE I as printed: M3Dec layers -> (IoU, Pr@0.5) for shared / independent / generic (LAV only).
-_TABLE_I = {
-    1: ((60.57, 72.47), (62.36, 74.00), (55.42, 70.02)),
-    2: ((66.30, 78.01), (66.32, 78.55), (64.12, 75.33)),
-    3: ((67.88, 79.01), (67.80, 78.94), (64.40, 75.81)),
-    4: ((67.82, 78.95), (67.76, 78.99), (64.42, 75.79)),
-}
-_SETTINGS = (
-    ("shared", (), "shared A_mut"),
-    ("independent", ("independent_matrices",), "independent A_mut"),
-    ("generic", ("generic_attention",), "generic attention (LAV only)"),
-)
-TABLES: dict[str, dict[str, dict]] = {
-    "TABLE I": {  # number of M3Dec layers x attention setting (IMI and LFR on)
-        f"{n}-{name} {n} layer(s), {desc}": {
-            "ablate": ablate, "set": {"num_dec_layers": n},
-            "paper": {"mIoU": row[i][0], "Prec@0.5": row[i][1]},
-            **({"baseline": True} if (n, name) == (3, "shared") else {})}  # the default model
-        for n, row in _TABLE_I.items()
-        for i, (name, ablate, desc) in enumerate(_SETTINGS)
-    },
-    "TABLE II": {  # components, RefCOCO val; 3 layers
-        "#0 Baseline (Generic LAV): no IMI, no LFR": {
-            "ablate": ("generic_attention", "no_imi", "no_lfr"),
-            "paper": {"mIoU": 62.04, "Prec@0.5": 73.52}, "baseline": True},
-        "#1 Baseline (M3Att): no IMI, no LFR": {
-            "ablate": ("no_imi", "no_lfr"), "paper": {"mIoU": 65.56, "Prec@0.5": 76.66}},
-        "#2 Baseline + IMI": {"ablate": ("no_lfr",), "paper": {"mIoU": 66.70, "Prec@0.5": 77.62}},
-        "#3 Baseline + IMI* (fixed F_t injected)": {
-            "ablate": ("imi_fixed_ft", "no_lfr"), "paper": {"mIoU": 65.92, "Prec@0.5": 76.80}},
-        "#4 Ours (M3Att + IMI + LFR)": {"ablate": (), "paper": {"mIoU": 67.88, "Prec@0.5": 79.01}},
-    },
-    "TABLE III": {  # mask decoder, RefCOCO val
-        "VLT mask decoder from F_dec only": {
-            "ablate": ("vlt_mask_decoder",),
-            "paper": {"mIoU": 66.05, "Prec@0.5": 78.64, "Prec@0.9": 13.81}},
-        "Concate F_dec summed, concatenated with F_enc": {
-            "ablate": ("concat_mask_decoder",),
-            "paper": {"mIoU": 66.58, "Prec@0.5": 78.90, "Prec@0.9": 15.55}},
-        "Ours F_dec as 1x1 kernels on F_enc": {
-            "ablate": (), "paper": {"mIoU": 67.88, "Prec@0.5": 79.01, "Prec@0.9": 17.70},
-            "baseline": True},
-    },
-    "Sec. IV-B": {  # the text's VAL-only experiment (§IV-B), no table and no number
-        "VAL-only vision as query, language as key/value": {
-            "skip": "the decoder's query stream would be the HW pixels instead of the N_t words, "
-            "so F_dec (the mask decoder's kernels, Fig. 6) and IMI/LFR's word rows do not exist; "
-            "a different architecture, and the paper reports no number",
-            "paper": {}, "note": "the paper: 'fails to converge'"},
-    },
-}  # fmt: skip
-
-RECIPE = {
-    "optimizer": "adam",  # §IV-A "using the Adam [60] optimizer"
-    "lr": 0.005,  # §IV-A "The learning rate is set to 0.005"
-    "encoder_lr_factor": 1.0,  # paper silent; VLT trains its backbone at the same lr (free_body 1)
-    "weight_decay": 0.0,  # paper silent; VLT's Keras Adam has none
-    "schedule": "step",  # §IV-A "with a step decay schedule"
-    # Milestones and factor: paper silent; VLT's config/base.yaml (steps [40, 45, 50], lr / 10 per
-    # step, epochs counted from 1), i.e. after 39, 44 and 49 finished epochs.
-    "milestones": (39, 44, 49),
-    "gamma": 0.1,  # VLT callbacks/learning_scheduler.py: lr_start / 10**k
-    "warmup": 0,  # paper silent; VLT has none
-    "epochs": 50,  # §IV-A "trained for 50 epochs"
-    "batch_size": 48,  # §IV-A "batch size set to 48" (4 V100)
-    "grad_clip": 0.0,  # paper silent; VLT does not clip
-    "frozen": (),  # paper silent
-}
-
 # Swin-B, window 12, pre-trained at 384 px: the architecture of the paper() checkpoint, written out
 # so that pretrained=False builds it without a download.
 SWIN_B = dict(
@@ -244,9 +106,10 @@ SWIN_B = dict(
 class Config:
     # --- fields every method has ---
     image_size: int = 480  # §IV-A: 480 x 480 for the transformer backbone
-    max_tokens: int = 20  # [CLS] + words + [SEP], BERT family of this repository
+    # §IV-A: expressions padded to 15 words (RefCOCO/+), + [CLS] and [SEP]; G-Ref (20 words): 22
+    max_tokens: int = 17
     vocab_size: int = 30522  # bert-base-uncased; train.py sets len(tokenizer)
-    threshold: float = 0.5
+    threshold: float = 0.5  # not given (VLT used 0.35); the BERT-family convention here
     pretrained: bool = True
     vision_name: str = "microsoft/swin-base-patch4-window12-384-in22k"
     text_name: str = "bert-base-uncased"
@@ -266,10 +129,14 @@ class Config:
     w_ci_init: float = 1.0  # IMI's learnable scalar w_ci (§III-B), initial value not given
     w_mask: float = 1.0  # Eq. (5), §IV-A
     w_rec: float = 0.1  # Eq. (5), §IV-A
-    # Not in the paper. Foreground share of the training masks: the last mask conv's bias starts at
-    # log(p / (1 - p)). 0.0315 measured on 1000 synthetic shapes; set it to your data's share.
-    mask_prior: float = 0.03
-    lfr_stop_grad: bool = True  # LFR target F_proj detached (W_proj fixed); False = the paper
+    # The demo's choices (tiny() sets the other value; docs/m3dec.md#<field> says why):
+    imi_scale: bool = False  # Eq. (3) as printed: no 1/sqrt(C) in the softmax
+    lfr_stop_grad: bool = False  # Eq. (4): F_proj trained, W_proj "learnable parameters"
+    lfr_proj_bias: bool = False  # Eq. (4): W_proj in R^{C x C}, no bias
+    lfr_last_bn_relu: bool = True  # §IV-A: each of the three reconstruction linears + BN + ReLU
+    # Initial foreground probability of the last mask conv (bias log(p / (1 - p))); None: PyTorch's
+    # default init (the paper says nothing); tiny(): the synthetic shapes' foreground share.
+    mask_prior: float | None = None
 
     @classmethod
     def paper(cls) -> Config:
@@ -278,118 +145,28 @@ class Config:
 
     @classmethod
     def tiny(cls) -> Config:
-        """The CPU demo: the repository's pretrained tiny Swin + BERT (pretrained/tiny-*), 64 px.
+        """The CPU demo: the repository's pretrained tiny Swin + BERT (pretrained/tiny-*), 64 px,
+        and every choice made so that the demo learns (the docstring's "tiny() only" lines).
 
         Loaded exactly as paper() loads the Hub ids; vision_config / text_config repeat the
         folders' architectures so that pretrained=False builds the same model with random weights.
         F_enc = Swin stage 2 (8 x 8, stride 8) and two x2 upsamplings -> 32 x 32 logits, the paper's
-        output stride 2 (see "we deviate on purpose")."""
+        output stride 2."""
         return cls(
-            image_size=64,
+            image_size=64, max_tokens=20,
             vocab_size=60,  # the synthetic world's word-level BERT tokenizer; train.py sets it
-            pretrained=True,
-            vision_name="pretrained/tiny-swin",
-            text_name="pretrained/tiny-bert",
-            vision_config=dict(
-                image_size=64,
-                patch_size=4,
-                num_channels=3,
-                embed_dim=32,
-                depths=[2, 2, 2, 2],  # two blocks per stage: the second one's windows are shifted
-                num_heads=[1, 2, 4, 8],
-                window_size=4,
-                mlp_ratio=4.0,
-                drop_path_rate=0.0,
-            ),
-            text_config=dict(
-                hidden_size=64,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                intermediate_size=256,
-                max_position_embeddings=32,
-            ),
-            enc_stage=2,
-            hidden_dim=32,
-            mask_dim=32,
-            num_heads=4,
-            ffn_dim=64,
-            dropout=0.0,
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-# Copied from rela.from_pretrained
-def from_pretrained(model_cls, name: str, **kwargs):
-    """`model_cls.from_pretrained(name)` for a Hub id or a folder, with one clear line on failure.
-
-    A relative folder is read from the repository (the demo's `pretrained/tiny-*`), so runs and
-    checkpoints work from any directory."""
-    local = Path(__file__).resolve().parent / name
-    if local.is_dir():
-        name = str(local)
-    try:
-        return model_cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError):
-        raise RuntimeError(
-            f"could not load '{name}': not a folder here and the Hugging Face Hub is unreachable "
-            "(no network?). Use --preset tiny, pass a local folder, or --no-pretrained for random "
-            "weights."
-        ) from None
-
-
-def sine_embedding_1d(n: int, C: int) -> torch.Tensor:
-    """The sine/cosine positional embedding of [5]: (n, C), e[p, 2i] = sin(p / 10000^(2i/C)),
-    e[p, 2i+1] = cos(p / 10000^(2i/C)). LFR's "cosine positional embedding" e (Eq. 4)."""
-    pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
-    freq = torch.exp(torch.arange(0, C, 2, dtype=torch.float32) * (-math.log(10000.0) / C))
-    e = torch.zeros(n, C)
-    e[:, 0::2] = torch.sin(pos * freq)
-    e[:, 1::2] = torch.cos(pos * freq[: C // 2])
-    return e
-
-
-def sine_embedding_2d(h: int, w: int, C: int) -> torch.Tensor:
-    """2-D version for the encoder: C/2 channels encode the row, C/2 the column. (h*w, C)."""
-    e_y = sine_embedding_1d(h, C // 2)[:, None, :].expand(h, w, C // 2)  # (h, w, C/2)
-    e_x = sine_embedding_1d(w, C - C // 2)[None, :, :].expand(h, w, C - C // 2)  # (h, w, C/2)
-    return torch.cat([e_y, e_x], dim=-1).reshape(h * w, C)  # (h*w, C)
-
-
-def bn_tokens(bn: nn.BatchNorm1d, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """BatchNorm over the real tokens only: x (B, N, C), keep (B, N) bool -> (B, N, C).
-
-    A plain BatchNorm1d on (B, C, N) would take its batch statistics from every row, padding
-    included (2/3 of the rows on the demo). The real rows (n_real, C) are normalised as one batch;
-    padded rows are 0."""
-    y = bn(x[keep])  # (n_real, C)
-    out = y.new_zeros(*x.shape[:2], y.shape[-1])  # (B, N, C), in the dtype BN returns
-    out[keep] = y
-    return out
-
-
-class LinearBNReLU(nn.Module):
-    """Linear -> BatchNorm (real tokens) -> ReLU on a sequence (B, N, C_in) -> (B, N, C_out).
-
-    §IV-A: "All linear layers and convolutions layers are followed by a Batch Normalization and
-    ReLU function unless otherwise noticed."
-    """
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.linear = nn.Linear(c_in, c_out, bias=False)  # a bias is redundant before BN
-        self.bn = nn.BatchNorm1d(c_out)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return F.relu(bn_tokens(self.bn, self.linear(x), keep))  # (B, N, C_out)
-
-
-def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
-    )
+            pretrained=True, vision_name="pretrained/tiny-swin", text_name="pretrained/tiny-bert",
+            # depths 2: two blocks per stage, the second one's windows are shifted
+            vision_config=dict(image_size=64, patch_size=4, num_channels=3, embed_dim=32,
+                               depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4,
+                               mlp_ratio=4.0, drop_path_rate=0.0),
+            text_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             intermediate_size=256, max_position_embeddings=32),
+            enc_stage=2, hidden_dim=32, mask_dim=32, num_heads=4, ffn_dim=64, dropout=0.0,
+            # the demo's choices, each under its name in docs/m3dec.md
+            imi_scale=True, lfr_stop_grad=True, lfr_proj_bias=True, lfr_last_bn_relu=False,
+            mask_prior=0.03,  # the synthetic shapes' foreground share
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,12 +277,15 @@ class IterativeInteraction(nn.Module):
     A language pathway parallel to the decoder: F_l^n = Linear(F_l^{n-1}) (F_l^0 = F_t); the
     decoder output picks the words it needs, F_i^n = A_l^n ReLU(F_l^n W_l'^n), and gets them back
     as F_dec'^n = BN(F_dec^n + w_ci^n F_i^n). With fixed_language (IMI*, Table II #3) F_i^n = F_t.
+    `scaled` divides Eq. 3's logits by sqrt(C) (Config.imi_scale; Eq. 3 has no scale).
     """
 
-    def __init__(self, C: int, w_ci_init: float = 1.0, fixed_language: bool = False):
+    def __init__(
+        self, C: int, w_ci_init: float = 1.0, fixed_language: bool = False, scaled: bool = False
+    ):
         super().__init__()
         self.fixed_language = fixed_language
-        self.scale = C**-0.5  # NOTE: not in Eq. (3); keeps the softmax out of saturation
+        self.scale = C**-0.5 if scaled else 1.0  # Config.imi_scale (tiny() only)
         if not fixed_language:
             self.lang_transform = LinearBNReLU(C, C)  # F_l^{n-1} -> F_l^n
             self.W_a = nn.Linear(C, C)  # W_a^n
@@ -534,21 +314,28 @@ class LanguageReconstruction(nn.Module):
     """Language Feature Reconstruction, LFR (§III-C, Eq. 4, Fig. 5); its loss is training-only.
 
     Target: F_proj = 1/(N_t+1) sum ReLU([(F_t + e) (c) F_t'] W_proj), over the N_t attended tokens
-    and the sentence feature. Reconstruction: F_rec = AvgPool(three linear layers on F_dec).
-    Loss: MSE(F_rec, F_proj). With stop_grad the target is a constant for the optimiser (nothing
-    can shrink it towards a constant that is easy to predict, see the docstring of the file), and
-    W_proj, which then gets no gradient, is frozen on purpose.
+    and the sentence feature. Reconstruction: F_rec = AvgPool(three linear layers on F_dec), each
+    followed by BN + ReLU (§IV-A). Loss: MSE(F_rec, F_proj); the target learns through W_proj.
+    tiny()'s three choices (docs/m3dec.md): stop_grad detaches F_proj, so W_proj gets no gradient
+    and is frozen on purpose (a fixed random projection); proj_bias gives W_proj a bias; with
+    last_bn_relu False the third linear is a plain Linear, a regression output.
     """
 
-    def __init__(self, C: int, max_tokens: int, stop_grad: bool = True):
+    def __init__(
+        self,
+        C: int,
+        max_tokens: int,
+        stop_grad: bool = False,
+        proj_bias: bool = False,
+        last_bn_relu: bool = True,
+    ):
         super().__init__()
         self.stop_grad = stop_grad
-        self.W_proj = nn.Linear(C, C)  # W_proj in R^{C x C}
-        self.W_proj.requires_grad_(not stop_grad)
-        # "three stacked linear layers": Linear+BN+ReLU twice, then a plain Linear, the regression
-        # output (like the last mask conv, it is not followed by BN + ReLU, see the file's notes)
+        self.W_proj = nn.Linear(C, C, bias=proj_bias)  # W_proj in R^{C x C}
+        self.W_proj.requires_grad_(not stop_grad)  # frozen on purpose when nothing trains it
+        # "three stacked linear layers" (Fig. 5), the third one plain when not last_bn_relu
         self.reconstruct = nn.ModuleList(LinearBNReLU(C, C) for _ in range(2))
-        self.reconstruct_out = nn.Linear(C, C)
+        self.reconstruct_out = LinearBNReLU(C, C) if last_bn_relu else nn.Linear(C, C)
         self.register_buffer("e", sine_embedding_1d(max_tokens, C), persistent=False)
 
     def forward(
@@ -565,7 +352,10 @@ class LanguageReconstruction(nn.Module):
         rec = F_dec
         for layer in self.reconstruct:
             rec = layer(rec, keep)  # (B, N_t, C)
-        rec = self.reconstruct_out(rec)  # (B, N_t, C)
+        if isinstance(self.reconstruct_out, LinearBNReLU):
+            rec = self.reconstruct_out(rec, keep)  # (B, N_t, C)
+        else:
+            rec = self.reconstruct_out(rec)  # (B, N_t, C)
         w = keep.to(rec)[..., None]  # (B, N_t, 1)
         F_rec = (rec * w).sum(1) / w.sum(1)  # average pooling over the tokens, (B, C)
         return F_proj, F_rec
@@ -596,8 +386,8 @@ class MaskDecoder(nn.Module):
         for i, conv in enumerate(convs):  # "upsampling layers are inserted between" the convs
             layers += [conv, up] if i < num_up else [conv]
         self.convs = nn.Sequential(*layers)
-        # Calibrated start: sigmoid(bias) = the foreground prior (docstring of the file).
-        nn.init.constant_(convs[-1].bias, math.log(cfg.mask_prior / (1 - cfg.mask_prior)))
+        if cfg.mask_prior is not None:  # tiny(): sigmoid(bias) = the data's foreground share
+            nn.init.constant_(convs[-1].bias, math.log(cfg.mask_prior / (1 - cfg.mask_prior)))
 
     def forward(
         self, F_dec: torch.Tensor, F_enc: torch.Tensor, pad: torch.Tensor, size: tuple[int, int]
@@ -621,7 +411,8 @@ class MaskDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Plumbing the paper's parts sit on: the visual neck + transformer encoder (Fig. 2, left)
+# Plumbing the paper's parts sit on: the visual neck + transformer encoder (Fig. 2, left), the
+# Hub loader, the positional encodings, and §IV-A's Linear + BN + ReLU over the real words
 
 
 class VisualEncoder(nn.Module):
@@ -680,6 +471,77 @@ class VisualEncoder(nn.Module):
         return x, tuple(size)  # (H, W)
 
 
+# Copied from rela.from_pretrained
+def from_pretrained(model_cls, name: str, **kwargs):
+    """`model_cls.from_pretrained(name)` for a Hub id or a folder, with one clear line on failure.
+
+    A relative folder is read from the repository (the demo's `pretrained/tiny-*`), so runs and
+    checkpoints work from any directory."""
+    local = Path(__file__).resolve().parent / name
+    if local.is_dir():
+        name = str(local)
+    try:
+        return model_cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        raise RuntimeError(
+            f"could not load '{name}': not a folder here and the Hugging Face Hub is unreachable "
+            "(no network?). Use --preset tiny, pass a local folder, or --no-pretrained for random "
+            "weights."
+        ) from None
+
+
+def sine_embedding_1d(n: int, C: int) -> torch.Tensor:
+    """The sine/cosine positional embedding of [5]: (n, C), e[p, 2i] = sin(p / 10000^(2i/C)),
+    e[p, 2i+1] = cos(p / 10000^(2i/C)). LFR's "cosine positional embedding" e (Eq. 4)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
+    freq = torch.exp(torch.arange(0, C, 2, dtype=torch.float32) * (-math.log(10000.0) / C))
+    e = torch.zeros(n, C)
+    e[:, 0::2] = torch.sin(pos * freq)
+    e[:, 1::2] = torch.cos(pos * freq[: C // 2])
+    return e
+
+
+def sine_embedding_2d(h: int, w: int, C: int) -> torch.Tensor:
+    """2-D version for the encoder: C/2 channels encode the row, C/2 the column. (h*w, C)."""
+    e_y = sine_embedding_1d(h, C // 2)[:, None, :].expand(h, w, C // 2)  # (h, w, C/2)
+    e_x = sine_embedding_1d(w, C - C // 2)[None, :, :].expand(h, w, C - C // 2)  # (h, w, C/2)
+    return torch.cat([e_y, e_x], dim=-1).reshape(h * w, C)  # (h*w, C)
+
+
+def bn_tokens(bn: nn.BatchNorm1d, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """BatchNorm over the real tokens only: x (B, N, C), keep (B, N) bool -> (B, N, C).
+
+    A plain BatchNorm1d on (B, C, N) would take its batch statistics from every row, padding
+    included (docs/m3dec.md#max_tokens). The real rows (n_real, C) are normalised as one batch;
+    padded rows are 0."""
+    y = bn(x[keep])  # (n_real, C)
+    out = y.new_zeros(*x.shape[:2], y.shape[-1])  # (B, N, C), in the dtype BN returns
+    out[keep] = y
+    return out
+
+
+class LinearBNReLU(nn.Module):
+    """Linear -> BatchNorm (real tokens) -> ReLU on a sequence (B, N, C_in) -> (B, N, C_out).
+
+    §IV-A: "All linear layers and convolutions layers are followed by a Batch Normalization and
+    ReLU function unless otherwise noticed."
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.linear = nn.Linear(c_in, c_out, bias=False)  # a bias is redundant before BN
+        self.bn = nn.BatchNorm1d(c_out)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return F.relu(bn_tokens(self.bn, self.linear(x), keep))  # (B, N, C_out)
+
+
+def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -712,11 +574,13 @@ class M3Dec(nn.Module):
         n_imi = 0 if "no_imi" in cfg.ablate else cfg.num_dec_layers - 1  # between layer pairs
         fixed = "imi_fixed_ft" in cfg.ablate
         self.imi = nn.ModuleList(
-            IterativeInteraction(C, cfg.w_ci_init, fixed) for _ in range(n_imi)
+            IterativeInteraction(C, cfg.w_ci_init, fixed, cfg.imi_scale) for _ in range(n_imi)
         )
         self.lfr = None
         if "no_lfr" not in cfg.ablate:
-            self.lfr = LanguageReconstruction(C, cfg.max_tokens, cfg.lfr_stop_grad)
+            self.lfr = LanguageReconstruction(
+                C, cfg.max_tokens, cfg.lfr_stop_grad, cfg.lfr_proj_bias, cfg.lfr_last_bn_relu
+            )
         self.mask_decoder = MaskDecoder(cfg, HW, stride)
 
     def _check_inputs(
@@ -775,7 +639,8 @@ class M3Dec(nn.Module):
         if attn_L is not None:
             out["attn_L"] = attn_L.detach()
         if targets is not None:
-            # BCE against the full-resolution GT (see the docstring: a shrunk GT caps the demo)
+            # BCE against the full-resolution GT: a GT shrunk to the logits caps what can be
+            # learnt (docs/m3dec.md#out_stride)
             losses = {"mask": bce_loss(upsample_to(logits, targets["masks"]), targets["masks"])}
             loss = self.cfg.w_mask * losses["mask"]
             if self.lfr is not None:
@@ -788,10 +653,6 @@ class M3Dec(nn.Module):
                     loss = loss + self.cfg.w_rec * losses["lfr"]  # Eq. (5)
             out["loss"], out["losses"] = loss, losses
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -810,9 +671,13 @@ def build_model(cfg: Config) -> nn.Module:
             raise ValueError(f"m3dec: {msg}")
     if cfg.num_dec_layers < 1:
         raise ValueError(f"m3dec: num_dec_layers must be >= 1, got {cfg.num_dec_layers}")
-    if not 0 < cfg.mask_prior < 1:
+    if cfg.mask_prior is not None and not 0 < cfg.mask_prior < 1:
         raise ValueError(f"m3dec: mask_prior must be in (0, 1), got {cfg.mask_prior}")
     return M3Dec(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mechanism measured (train.py calls these on eval batches) and shown (samples.png)
 
 
 def word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -869,35 +734,125 @@ def diagnostics(outputs: dict, batch: dict) -> dict[str, float]:
     return result
 
 
+# Words that name nothing in the image. samples.png shows the first word not in this list: a
+# fixed rule, so that a word's maps can be read against its meaning ("red" should look at the red
+# objects); picking by attention mass chose "the" in most rows (docs/m3dec.md#sample_extra).
+FUNCTION_WORDS = frozenset(
+    "a an the this that these those of at in on to from with by for and or but not except all "
+    "every each one ones it its is are which who".split()
+)
+
+
+def content_word(tokens: list[str], words: torch.Tensor) -> int:
+    """Index of the expression's first content word: a word (words (N_t,) bool, no [CLS] / [SEP]
+    / padding) that is alphabetic, not a word piece (##...) and not in FUNCTION_WORDS; the first
+    word when there is none."""
+    candidates = [n for n in range(len(tokens)) if words[n]]
+    for n in candidates:
+        t = tokens[n].lower()
+        if t.isalpha() and t not in FUNCTION_WORDS:
+            return n
+    return candidates[0]
+
+
 def sample_extra(outputs: dict, i: int, tokenizer) -> list:
-    """For samples.png: the last M3Dec layer's LAV map (Eq. 2a, over the pixels) of the word that
-    receives the most VAL attention (Eq. 2b, summed over pixels), and that word's VAL map (the
-    share of each pixel's attention that goes to it). Generic attention: the head-averaged map of
-    the word with the highest peak, no VAL."""
+    """For samples.png: the last M3Dec layer's LAV map (Eq. 2a, that word's weights over the
+    pixels) of the expression's first content word, and its VAL map (Eq. 2b, the share of each
+    pixel's attention that goes to the word). Generic attention: its head-averaged map, no VAL."""
     if "attn_V" not in outputs:
         return [(None, "")]
     words = word_mask(outputs["input_ids"][i : i + 1], outputs["attention_mask"][i : i + 1])[0]
+    tokens = tokenizer.convert_ids_to_tokens(outputs["input_ids"][i].tolist())
+    n = content_word(tokens, words)
     attn_V = outputs["attn_V"][i].float()  # (N_t, HW)
     side = math.isqrt(attn_V.shape[1])
-    if "attn_L" in outputs:
-        score = outputs["attn_L"][i].float().sum(0)  # VAL attention each word receives, (N_t,)
-    else:
-        score = attn_V.amax(1)  # peak of each word's map
-    n = int(score.masked_fill(~words, float("-inf")).argmax())
-    token = tokenizer.convert_ids_to_tokens([int(outputs["input_ids"][i, n])])[0]
-    panels = [(attn_V[n].reshape(side, side).cpu().numpy(), f"LAV (Eq. 2a) of '{token}'")]
+    panels = [(attn_V[n].reshape(side, side).cpu().numpy(), f"LAV (Eq. 2a) of '{tokens[n]}'")]
     if "attn_L" in outputs:
         val = outputs["attn_L"][i, :, n].float().reshape(side, side).cpu().numpy()
-        panels.append((val, f"VAL (Eq. 2b): pixels' weight on '{token}'", (0.0, 1.0)))
+        panels.append((val, f"VAL (Eq. 2b): pixels' weight on '{tokens[n]}'", (0.0, 1.0)))
     return panels
 
 
-if __name__ == "__main__":  # shape smoke run on the tiny preset (random encoders, no files)
-    cfg = replace(Config.tiny(), pretrained=False)
-    model = build_model(cfg)
-    B, S, L = 2, cfg.image_size, cfg.max_tokens
-    ids = torch.zeros(B, L, dtype=torch.long)
-    ids[:, :4] = torch.tensor([2, 5, 6, 3])  # [CLS] w w [SEP]
-    out = model(torch.randn(B, 3, S, S), ids, (ids > 0).long(), {"masks": torch.zeros(B, S, S)})
-    for k, v in out.items():
-        print(k, tuple(v.shape) if torch.is_tensor(v) else {n: x.item() for n, x in v.items()})
+# ---------------------------------------------------------------------------------------------
+# The paper's tables and recipe: TABLES (train.py --row), RECIPE (train.py --recipe paper)
+
+# The paper's ablation tables, all on RefCOCO val with the CNN row of Table IV (Darknet-53 + GRU:
+# its RefCOCO val IoU 67.88 and Table V's Pr@0.5 79.01 are the tables' full model), not the
+# Swin-B + BERT row of paper(). That row ran at 416 px (§IV-A), which every row's "recipe" carries;
+# its backbone cannot be built here. "IoU": read as VLT's released evaluation (callbacks/eval.py
+# averages the per-sample IoUs), i.e. mIoU here; Pr@0.5 / Pr@0.9 are Prec@0.5 / Prec@0.9.
+# One build, one number: TABLE I's 3-shared row, TABLE II #4 and TABLE III's Ours are one model.
+_CNN_ROW = {"image_size": 416}  # §IV-A: "416x416 for CNN backbone"
+# TABLE I as printed: M3Dec layers -> (IoU, Pr@0.5) for shared / independent / generic (LAV only).
+_TABLE_I = {
+    1: ((60.57, 72.47), (62.36, 74.00), (55.42, 70.02)),
+    2: ((66.30, 78.01), (66.32, 78.55), (64.12, 75.33)),
+    3: ((67.88, 79.01), (67.80, 78.94), (64.40, 75.81)),
+    4: ((67.82, 78.95), (67.76, 78.99), (64.42, 75.79)),
+}
+_SETTINGS = (
+    ("shared", (), "shared A_mut"),
+    ("independent", ("independent_matrices",), "independent A_mut"),
+    ("generic", ("generic_attention",), "generic attention (LAV only)"),
+)
+TABLES: dict[str, dict[str, dict]] = {
+    "TABLE I": {  # number of M3Dec layers x attention setting (IMI and LFR on)
+        f"{n}-{name} {n} layer(s), {desc}": {
+            "ablate": ablate, "set": {"num_dec_layers": n}, "recipe": dict(_CNN_ROW),
+            "paper": {"mIoU": row[i][0], "Prec@0.5": row[i][1]},
+            **({"baseline": True} if (n, name) == (3, "shared") else {})}  # the default model
+        for n, row in _TABLE_I.items()
+        for i, (name, ablate, desc) in enumerate(_SETTINGS)
+    },
+    "TABLE II": {  # components, RefCOCO val; 3 layers
+        "#0 Baseline (Generic LAV): no IMI, no LFR": {
+            "ablate": ("generic_attention", "no_imi", "no_lfr"), "recipe": dict(_CNN_ROW),
+            "paper": {"mIoU": 62.04, "Prec@0.5": 73.52}, "baseline": True},
+        "#1 Baseline (M3Att): no IMI, no LFR": {
+            "ablate": ("no_imi", "no_lfr"), "recipe": dict(_CNN_ROW),
+            "paper": {"mIoU": 65.56, "Prec@0.5": 76.66}},
+        "#2 Baseline + IMI": {
+            "ablate": ("no_lfr",), "recipe": dict(_CNN_ROW),
+            "paper": {"mIoU": 66.70, "Prec@0.5": 77.62}},
+        "#3 Baseline + IMI* (fixed F_t injected)": {
+            "ablate": ("imi_fixed_ft", "no_lfr"), "recipe": dict(_CNN_ROW),
+            "paper": {"mIoU": 65.92, "Prec@0.5": 76.80}},
+        "#4 Ours (M3Att + IMI + LFR)": {
+            "ablate": (), "recipe": dict(_CNN_ROW), "paper": {"mIoU": 67.88, "Prec@0.5": 79.01}},
+    },
+    "TABLE III": {  # mask decoder, RefCOCO val
+        "VLT mask decoder from F_dec only": {
+            "ablate": ("vlt_mask_decoder",), "recipe": dict(_CNN_ROW),
+            "paper": {"mIoU": 66.05, "Prec@0.5": 78.64, "Prec@0.9": 13.81}},
+        "Concate F_dec summed, concatenated with F_enc": {
+            "ablate": ("concat_mask_decoder",), "recipe": dict(_CNN_ROW),
+            "paper": {"mIoU": 66.58, "Prec@0.5": 78.90, "Prec@0.9": 15.55}},
+        "Ours F_dec as 1x1 kernels on F_enc": {
+            "ablate": (), "recipe": dict(_CNN_ROW),
+            "paper": {"mIoU": 67.88, "Prec@0.5": 79.01, "Prec@0.9": 17.70}, "baseline": True},
+    },
+    "Sec. IV-B": {  # the text's VAL-only experiment (§IV-B), no table and no number
+        "VAL-only vision as query, language as key/value": {
+            "skip": "the decoder's query stream would be the HW pixels instead of the N_t words, "
+            "so F_dec (the mask decoder's kernels, Fig. 6) and IMI/LFR's word rows do not exist; "
+            "a different architecture, and the paper reports no number",
+            "paper": {}, "note": "the paper: 'fails to converge'"},
+    },
+}  # fmt: skip
+
+RECIPE = {
+    "optimizer": "adam",  # §IV-A "using the Adam [60] optimizer"
+    "lr": 0.005,  # §IV-A "The learning rate is set to 0.005"
+    "encoder_lr_factor": 1.0,  # paper silent; VLT trains its backbone at the same lr (free_body 1)
+    "weight_decay": 0.0,  # paper silent; VLT's Keras Adam has none
+    "schedule": "step",  # §IV-A "with a step decay schedule"
+    # Milestones and factor: paper silent; VLT's config/base.yaml (steps [40, 45, 50], lr / 10 per
+    # step, epochs counted from 1), i.e. after 39, 44 and 49 finished epochs.
+    "milestones": (39, 44, 49),
+    "gamma": 0.1,  # VLT callbacks/learning_scheduler.py: lr_start / 10**k
+    "warmup": 0,  # paper silent; VLT has none
+    "epochs": 50,  # §IV-A "trained for 50 epochs"
+    "batch_size": 48,  # §IV-A "batch size set to 48" (4 V100)
+    "grad_clip": 0.0,  # paper silent; VLT does not clip
+    "frozen": (),  # paper silent
+}

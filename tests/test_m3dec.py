@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -15,18 +16,34 @@ from m3dec import (
     Config,
     IterativeInteraction,
     LanguageReconstruction,
+    LinearBNReLU,
     MutualAttention,
     build_model,
+    content_word,
     diagnostics,
     sample_extra,
     sine_embedding_1d,
 )
+
+DOCS = m3dec.Path(m3dec.__file__).parent / "docs" / "m3dec.md"
 
 
 def tiny(**changes) -> Config:
     """The tiny architecture with random encoders (fast, no files); tests of the loading path
     use Config.tiny() itself."""
     return dataclasses.replace(Config.tiny(), **{"pretrained": False, **changes})
+
+
+# The fields that only size the model: paper_small() takes them from tiny(), every other field
+# (the paper's choices) from paper().
+SIZES = ("image_size", "vocab_size", "vision_config", "text_config", "enc_stage", "hidden_dim",
+         "mask_dim", "num_heads", "ffn_dim")  # fmt: skip
+
+
+def paper_small(**changes) -> Config:
+    """paper() at the tiny sizes with random encoders: the paper's equations, fast."""
+    sizes = {k: getattr(Config.tiny(), k) for k in SIZES}
+    return dataclasses.replace(Config.paper(), **{"pretrained": False, **sizes, **changes})
 
 
 def make_batch(cfg: Config, B: int = 2, seed: int = 0):
@@ -129,11 +146,12 @@ def _bn_eval(bn, x):
     return bn(x.transpose(1, 2)).transpose(1, 2)
 
 
-def test_imi_injects_with_w_ci():
+@pytest.mark.parametrize("scaled", [False, True])
+def test_imi_injects_with_w_ci(scaled):
     torch.manual_seed(0)
     F_dec, F_l_prev = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     pad = torch.zeros(2, 5, dtype=torch.bool)  # no padding: every row is a real word
-    imi = IterativeInteraction(C=8).train()
+    imi = IterativeInteraction(C=8, scaled=scaled).train()
     imi(F_dec, F_l_prev, pad)  # one training pass, so BN has non-trivial running statistics
     imi.eval()
 
@@ -153,7 +171,8 @@ def test_imi_injects_with_w_ci():
     torch.testing.assert_close(out_one - out0, 2 * (out_half - out0))
     # F_i^n = A_l F_l'^n with A_l from Eq. (3): recover F_i from the injection and compare
     with torch.no_grad():
-        logits = torch.relu(imi.W_a(F_dec)) @ F_l.transpose(1, 2) / 8**0.5
+        logits = torch.relu(imi.W_a(F_dec)) @ F_l.transpose(1, 2)  # Eq. (3) as printed
+        logits = logits / 8**0.5 if scaled else logits  # tiny()'s 1/sqrt(C)
         F_i = logits.softmax(-1) @ torch.relu(imi.W_l(F_l))
     torch.testing.assert_close(out_one, _bn_eval(imi.bn, F_dec + F_i))
 
@@ -168,12 +187,15 @@ def test_imi_fixed_ft_injects_the_same_language_feature():
 
 
 @pytest.mark.parametrize("stop_grad", [True, False])
-def test_lfr_matches_eq_4_and_stop_gradient(stop_grad):
+@pytest.mark.parametrize("last_bn_relu", [True, False])
+def test_lfr_matches_eq_4_and_stop_gradient(stop_grad, last_bn_relu):
     e = sine_embedding_1d(6, 8)
     torch.testing.assert_close(e[:, 0], torch.sin(torch.arange(6.0)))
     torch.testing.assert_close(e[:, 1], torch.cos(torch.arange(6.0)))
     torch.manual_seed(0)
-    lfr = LanguageReconstruction(C=8, max_tokens=5, stop_grad=stop_grad).eval()
+    lfr = LanguageReconstruction(C=8, max_tokens=5, stop_grad=stop_grad, last_bn_relu=last_bn_relu)
+    lfr.eval()
+    assert lfr.W_proj.bias is None  # Eq. (4): W_proj in R^{C x C}
     F_t = torch.randn(2, 5, 8, requires_grad=True)
     F_dec, F_s = torch.randn(2, 5, 8), torch.randn(2, 8)
     keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
@@ -182,15 +204,18 @@ def test_lfr_matches_eq_4_and_stop_gradient(stop_grad):
         X = torch.cat([F_t[b, :n] + lfr.e[:n], F_s[b : b + 1]])  # (N_t + 1, C)
         torch.testing.assert_close(F_proj[b], torch.relu(lfr.W_proj(X)).sum(0) / (n + 1))
         rec = F_dec[b : b + 1, :n]
-        for layer in lfr.reconstruct:  # eval mode: BN with running statistics
+        layers = [*lfr.reconstruct, lfr.reconstruct_out] if last_bn_relu else lfr.reconstruct
+        for layer in layers:  # eval mode: BN with running statistics
             rec = torch.relu(_bn_eval(layer.bn, layer.linear(rec)))
-        torch.testing.assert_close(F_rec[b], lfr.reconstruct_out(rec).mean(1)[0])
+        if not last_bn_relu:  # tiny(): the third linear is a plain Linear
+            rec = lfr.reconstruct_out(rec)
+        torch.testing.assert_close(F_rec[b], rec.mean(1)[0])
     # the stop-gradient: no gradient into F_t (nor W_proj, frozen) through the target
     assert F_proj.requires_grad is not stop_grad
     assert lfr.W_proj.weight.requires_grad is not stop_grad
     if not stop_grad:  # the paper's objective: the target itself moves towards F_rec
         torch.nn.functional.mse_loss(F_rec, F_proj).backward()
-        assert F_t.grad.abs().sum() > 0
+        assert F_t.grad.abs().sum() > 0 and lfr.W_proj.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +286,50 @@ def test_forward_backward_shapes_and_every_parameter_gets_a_gradient():
     } <= frozen
     assert all(n.startswith(allowed) for n in frozen), frozen
     assert len(model.imi) == cfg.num_dec_layers - 1  # IMI only between successive layers
+
+
+def test_paper_lfr_trains_W_proj_and_every_parameter_gets_a_gradient():
+    """paper(): Eq. 4's W_proj is "learnable parameters", F_proj is not detached."""
+    torch.manual_seed(0)
+    cfg = paper_small()
+    model = build_model(cfg).train()
+    out = model(*make_batch(cfg))
+    out["loss"].backward()
+    W_proj = model.lfr.W_proj
+    assert not model.lfr.stop_grad and W_proj.weight.requires_grad and W_proj.bias is None
+    assert W_proj.weight.grad is not None and W_proj.weight.grad.abs().sum() > 0
+    no_grad = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
+    assert not no_grad, no_grad
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("visual_encoder.backbone.swin.") for n in frozen)
+
+
+def test_paper_lfr_last_reconstruction_linear_is_followed_by_bn_relu():
+    """§IV-A: every linear layer is followed by BN + ReLU, the third reconstruction linear too."""
+    torch.manual_seed(0)
+    cfg = paper_small()
+    model = build_model(cfg).train()
+    assert isinstance(model.lfr.reconstruct_out, LinearBNReLU)
+    assert type(build_model(tiny()).lfr.reconstruct_out) is torch.nn.Linear  # tiny() only
+    F_rec = model(*make_batch(cfg))["F_rec"]
+    assert (F_rec >= 0).all() and (F_rec > 0).any()  # an average of ReLU outputs
+
+
+def test_paper_has_no_demo_prior_bias_and_eq_3_is_unscaled():
+    assert Config.paper().mask_prior is None and Config.tiny().mask_prior == 0.03
+    torch.manual_seed(0)
+    model = build_model(paper_small())
+    last = model.mask_decoder.convs[-1]
+    fan_in = last.in_channels * last.kernel_size[0] * last.kernel_size[1]
+    assert last.bias.abs().max() <= fan_in**-0.5  # PyTorch's default Conv2d init
+    assert abs(torch.sigmoid(last.bias).item() - 0.03) > 0.3  # near 0.5, not the demo's 3%
+    assert all(imi.scale == 1.0 for imi in model.imi)  # Eq. (3) as printed
+    C = Config.tiny().hidden_dim
+    assert all(imi.scale == C**-0.5 for imi in build_model(tiny()).imi)  # tiny() only
 
 
 def test_calibrated_start():
@@ -375,7 +444,8 @@ ROWS = [(t, k) for t, rows in TABLES.items() for k in rows]
 @pytest.mark.parametrize("table,key", ROWS, ids=[f"{t} {k.split()[0]}" for t, k in ROWS])
 def test_every_table_row_builds_and_trains_one_step(table, key):
     spec = TABLES[table][key]
-    assert set(spec) <= {"ablate", "set", "paper", "baseline", "skip", "note"}
+    assert set(spec) <= {"ablate", "set", "recipe", "paper", "baseline", "skip", "note"}
+    assert set(spec.get("recipe", {})) <= set(RECIPE) | {"epochs", "iterations", "image_size"}
     assert " " not in key.split()[0] and len(key.split()) > 1  # "<id> <description>"
     if "skip" in spec:
         assert spec["skip"] and "paper" in spec
@@ -406,6 +476,64 @@ def test_tables_rows_and_ablations_are_consistent():
     t2 = {k.split()[0]: set(s["ablate"]) for k, s in TABLES["TABLE II"].items()}
     assert t2["#0"] - t2["#1"] == {"generic_attention"} and t2["#1"] - t2["#2"] == {"no_imi"}
     assert t2["#2"] - t2["#4"] == {"no_lfr"} and t2["#3"] - t2["#2"] == {"imi_fixed_ft"}
+
+
+def _build(spec: dict) -> tuple[str, str]:
+    """What a row builds and trains with: paper() with its switches and overrides, its recipe."""
+    cfg = dataclasses.replace(Config.paper(), **spec.get("set", {}))
+    cfg = dataclasses.replace(cfg, ablate=tuple(sorted(spec.get("ablate", ()))))
+    return repr(dataclasses.asdict(cfg)), repr(sorted(spec.get("recipe", {}).items()))
+
+
+def _conflicts(tables: dict) -> tuple[list, list]:
+    """(groups of rows with one build and recipe, the metrics on which a group disagrees)."""
+    groups = {}
+    for table, rows in tables.items():
+        for key, spec in rows.items():
+            if "skip" not in spec:
+                groups.setdefault(_build(spec), []).append((f"{table} {key}", spec["paper"]))
+    bad = []
+    for rows in groups.values():
+        for metric in {m for _, paper in rows for m in paper}:
+            if len({paper[metric] for _, paper in rows if metric in paper}) > 1:
+                bad.append((metric, [name for name, _ in rows]))
+    return list(groups.values()), bad
+
+
+def test_one_build_one_paper_number():
+    groups, bad = _conflicts(TABLES)
+    assert not bad, bad
+    full = max(groups, key=len)  # the default model appears in all three tables
+    assert sorted(name.split()[:2] for name, _ in full) == [
+        ["TABLE", "I"], ["TABLE", "II"], ["TABLE", "III"]]  # fmt: skip
+    # the check can fail: the same build with another number is caught
+    full_ii = next(spec for key, spec in TABLES["TABLE II"].items() if key.startswith("#4 "))
+    doctored = {**TABLES, "TABLE X": {"#9 again": {**full_ii, "paper": {"mIoU": 1.0}}}}
+    assert _conflicts(doctored)[1]
+
+
+def test_rows_carry_the_cnn_rows_image_size_and_it_builds():
+    """The ablations ran with the CNN row at 416 px (§IV-A); the row's size builds here."""
+    sizes = {r["recipe"]["image_size"] for t in ("TABLE I", "TABLE II", "TABLE III")
+             for r in TABLES[t].values()}  # fmt: skip
+    assert sizes == {416}
+    paper_stride = 4 * 2 ** (Config.paper().enc_stage - 1)
+    assert 416 % (2 * paper_stride) == 0  # image_size must be a multiple of 2 x F_enc's stride
+    torch.manual_seed(0)
+    cfg = paper_small(image_size=416)
+    with torch.no_grad():
+        out = build_model(cfg).eval()(*make_batch(cfg, B=1)[:3])
+    assert out["mask_logits"].shape == (1, 1, 416 // 2, 416 // 2)
+
+
+def test_table_ii_4_vs_2_measures_the_papers_lfr():
+    rows = {k.split()[0]: spec for k, spec in TABLES["TABLE II"].items()}
+    with_lfr = build_model(paper_small(ablate=rows["#4"]["ablate"]))
+    without = build_model(paper_small(ablate=rows["#2"]["ablate"]))
+    assert without.lfr is None
+    lfr = with_lfr.lfr
+    assert not lfr.stop_grad and lfr.W_proj.weight.requires_grad
+    assert isinstance(lfr.reconstruct_out, LinearBNReLU)
 
 
 def test_recipe_is_the_papers():
@@ -501,6 +629,68 @@ def test_diagnostics_and_sample_extra_on_the_model():
     assert sample_extra({"mask_logits": out["mask_logits"]}, 0, Tok()) == [(None, "")]
 
 
+def test_sample_extra_shows_the_first_content_word():
+    tokens = ["[CLS]", "the", "red", "circle", "left", "of", "the", "square", "[SEP]", "[PAD]"]
+    words = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    assert content_word(tokens, words) == 2  # "red", not "the"
+    assert content_word(["[CLS]", "the", "of", ",", "##s", "[SEP]"],
+                        torch.tensor([0, 1, 1, 1, 1, 0], dtype=torch.bool)) == 1  # fmt: skip
+    vocab = {i: t for i, t in enumerate(["[PAD]", "a", "[CLS]", "[SEP]", "the", "red", "circle"])}
+
+    class Tok:
+        def convert_ids_to_tokens(self, ids):
+            return [vocab[i] for i in ids]
+
+    ids = torch.tensor([[2, 4, 5, 6, 3, 0]])
+    am = (ids > 0).long()
+    attn_V = torch.full((1, 6, 4), 0.25)
+    attn_V[0, 2] = torch.tensor([1.0, 0, 0, 0])  # "red" looks at the first cell
+    attn_L = torch.zeros(1, 4, 6)
+    attn_L[0, :, 1] = 1.0  # every pixel weighs "the": the old rule's pick
+    out = {"attn_V": attn_V, "attn_L": attn_L, "input_ids": ids, "attention_mask": am}
+    (lav, lav_caption), (val, val_caption, limits) = sample_extra(out, 0, Tok())
+    assert "'red'" in lav_caption and "'red'" in val_caption and limits == (0.0, 1.0)
+    assert lav.tolist() == [[1.0, 0.0], [0.0, 0.0]] and val.sum() == 0
+    generic = sample_extra({k: v for k, v in out.items() if k != "attn_L"}, 0, Tok())
+    assert len(generic) == 1 and "'red'" in generic[0][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper card and its lab notes
+
+
+def test_paper_card():
+    """A paper card: at most ~80 lines, the first nn.Module within the first ~300 lines."""
+    assert len(m3dec.__doc__.splitlines()) <= 80
+    lines = m3dec.Path(m3dec.__file__).read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if re.match(r"class \w+\(nn\.Module\)", line))
+    assert first < 300
+    differences = m3dec.__doc__.split("Differences")[1].splitlines()
+    bullets = [line for line in differences if line.startswith("- ")]
+    assert bullets and all(line.startswith(("- both: ", "- tiny() only: ")) for line in bullets)
+
+
+def test_tiny_only_choices_are_documented():
+    """Every field tiny() sets to another value than paper() is named in the card, and has a
+    heading in docs/m3dec.md; every (#x) of the card is a heading there."""
+    headings = set(re.findall(r"^## (\S+)$", DOCS.read_text(), flags=re.M))
+    paper, demo = Config.paper(), Config.tiny()
+    changed = {
+        f.name
+        for f in dataclasses.fields(Config)
+        if getattr(paper, f.name) != getattr(demo, f.name)
+    }
+    assert {"imi_scale", "lfr_stop_grad", "lfr_last_bn_relu", "mask_prior"} <= changed
+    # the card's "64 px, tiny Swin + BERT" line
+    identity = {"image_size", "vocab_size", "vision_name", "text_name", "vision_config",
+                "text_config"}  # fmt: skip
+    for name in changed - identity:
+        assert name in headings and name in m3dec.__doc__, name
+    bullets = [line for line in m3dec.__doc__.splitlines() if line.startswith("- ")]
+    links = re.findall(r"#(\w+)", "\n".join(bullets))
+    assert links and set(links) <= headings, set(links) - headings
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets and loading
 
@@ -510,6 +700,9 @@ def test_paper_config_is_the_transformer_row():
     assert (cfg.image_size, cfg.hidden_dim, cfg.mask_dim, cfg.num_heads) == (480, 256, 512, 8)
     assert (cfg.num_enc_layers, cfg.num_dec_layers, cfg.w_rec, cfg.w_mask) == (2, 3, 0.1, 1.0)
     assert (cfg.enc_stage, cfg.out_stride) == (3, 2)  # F_enc at stride 16, logits at stride 2
+    assert cfg.max_tokens == 17  # §IV-A: 15 words (RefCOCO/+) + [CLS] + [SEP]
+    assert (cfg.imi_scale, cfg.lfr_stop_grad, cfg.lfr_proj_bias) == (False, False, False)
+    assert cfg.lfr_last_bn_relu and cfg.mask_prior is None
     assert cfg.pretrained and cfg.vision_name == "microsoft/swin-base-patch4-window12-384-in22k"
     swin = SwinConfig(**cfg.vision_config)
     assert (swin.embed_dim, list(swin.depths), swin.window_size) == (128, [2, 2, 18, 2], 12)
