@@ -41,12 +41,11 @@ batch 32, weight decay 5e-4; 480 px for Tables 2-5, Table 1 576 px (ViT-B) / 532
 
 Differences; where each applies; the evidence is under docs/cm_masksd.md#<name>.
 The paper is silent (one stated choice, `paper()` and `tiny()`):
-- Eq. 3 / 6 compare in CLIP's joint space: projected post-LN patches and [EOS]; words projected too
-- The correlation is read from the main branch's features without gradient (#correlation_space)
+- Eq. 3 / 6 in CLIP's joint space (projected post-LN tokens), without gradient (#correlation_space)
 - mask_count: `paper()` masks ⌊α·T + ½⌋ tokens, at least one, of every sample's top-T (#mask_count)
 - T = ⌊TopK·N + ½⌋; words are the real words only, never [SOS], [EOS] or padding (#mask_count)
 - Which α·T are masked: uniform at random per sample, fresh at every step (#mask_tokens)
-- v' / w' replace the patch / token embedding before the position embedding, N(0, 0.02²) start
+- v' / w' replace an embedding before the position embedding; N(0, 0.02²) start (#mask_tokens)
 - The teacher is sigmoid(M_seg).detach(), a soft BCE target at the logits' size (#teacher)
 - no_sharing (Table 5): each masked branch gets its own neck, decoder and projector (#no_sharing)
 - The projector's kernel comes from each branch's own sentence feature (#no_sharing)
@@ -54,7 +53,6 @@ The paper is silent (one stated choice, `paper()` and `tiny()`):
 The release (CRIS) differs, we follow the paper (`paper()` and `tiny()`):
 - CRIS ships ResNet CLIP; the neck reads ViT taps of one stride, no 2x up / pooling (#neck)
 - RECIPE is §4.2's, not CRIS's (Adam 1e-4, 50 epochs, step decay at 35) (#recipe)
-- Eq. 9's Loss_seg "following CRIS": seg_loss_at = "logits", the GT shrunk to M_seg (#seg_loss_at)
 We deviate on purpose:
 - Eq. 8 as printed swaps the modalities; we read the prose (`paper()` and `tiny()`) (#eq8)
 - One CLIPModel holds both towers; its projections train at the encoder lr (both) (#one_clip)
@@ -62,7 +60,7 @@ We deviate on purpose:
 - Eval with targets: the loss is Loss_seg, the choices are still made (both) (#diagnostics)
 - correlation: `tiny()` only, cosine instead of Eq. 3 / 6's dot product (#correlation)
 - mask_count: `tiny()` only, ⌊α·T + u⌋, u ~ U[0, 1), at least one word per batch (#mask_count)
-- seg_loss_at: `tiny()` only, "gt": M_seg upsampled (bilinear) to the GT (#seg_loss_at)
+- seg_loss_at: `tiny()` only, M_seg upsampled to the GT (`paper()`: as CRIS) (#seg_loss_at)
 - mask_prior: `tiny()` only, the projector starts at the foreground share (#mask_prior)
 - decoder_layers: `tiny()` only, 1 (CRIS: 3) (#decoder_layers)
 - decoder_ffn: `tiny()` only, 64 (CRIS: 2048) (#decoder_ffn)
