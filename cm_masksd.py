@@ -14,8 +14,8 @@ neck and decoder again (Eq. 5). VMLSD does the same to the words, ranked by thei
 the image's class token (Eq. 6-8). Eq. 9: Loss = BCE(M_seg, GT) + λ1 BCE(M_LMVSD, M_seg) +
 λ2 BCE(M_VMLSD, M_seg). Inference runs the main branch only. The masking teaches something only
 if the top-T lies on the referent: `diagnostics` measures that against another sentence's ranking.
-In the demo Eq. 3 puts the objects first whatever the sentence; the sentence moves its referent
-only a little ahead of the other objects (docs/cm_masksd.md#guidance).
+In the demo Eq. 3 puts the objects first whatever the sentence, and the tiny CLIP's sentence
+moves its referent only a little ahead of the other objects (docs/cm_masksd.md#guidance).
 
 Symbols (paper -> code); B batch, L tokens, N = h*w patches, C_v / C_t the encoder widths,
 P = projection_dim (CLIP's joint space, the paper's C), d = neck_dims[1] the decoder width:
