@@ -565,7 +565,8 @@ def _logit(p: float) -> float:
 
 
 class ReLA(nn.Module):
-    """Fig. 4: Swin + BERT -> pixel decoder -> ReLAtionship modelling -> Eq. (1), E."""
+    """Fig. 4 as released: language-aware Swin + BERT -> pixel decoder -> ReLAtionship
+    modelling -> Eq. (1), E (docs/rela.md#encoder)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
