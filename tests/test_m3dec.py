@@ -520,7 +520,7 @@ def test_rows_carry_the_cnn_rows_image_size_and_it_builds():
     paper_stride = 4 * 2 ** (Config.paper().enc_stage - 1)
     assert 416 % (2 * paper_stride) == 0  # image_size must be a multiple of 2 x F_enc's stride
     torch.manual_seed(0)
-    cfg = paper_small(image_size=416)
+    cfg = paper_small(image_size=416, enc_stage=Config.paper().enc_stage)  # stride 16
     with torch.no_grad():
         out = build_model(cfg).eval()(*make_batch(cfg, B=1)[:3])
     assert out["mask_logits"].shape == (1, 1, 416 // 2, 416 // 2)
