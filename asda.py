@@ -12,6 +12,8 @@ down-sampled F_M and F_L into F_coarse through thin 32-channel laterals (SFA, Eq
 Guided Dual-Branch Aligner keeps words out of F_coarse: one branch turns F_coarse into N_c response
 masks M' (CFS, Eq. 6-7), the other lets the visual tokens attend to the words and produces N_c
 coefficients in (-1, 1) (WCG, Eq. 8-9); the mask is their weighted sum M = f_coef ⊗ M' (Eq. 10).
+In the demo WCG's words barely move the mask even at N_c = 32: M' already read the sentence
+through F_G, so the coefficients have little to choose (docs/asda.md#N_c).
 
 Symbols (paper -> code), shapes with B batch, L tokens, C channels, H, W the patch grid:
     I                        images                (B, 3, H*P, W*P)
