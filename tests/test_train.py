@@ -365,3 +365,45 @@ def test_missing_refcoco_named_before_any_tokenizer(capsys, tmp_path, monkeypatc
     assert "instances.json not found" in one_line_error(capsys, argv)
     (root / "refcoco" / "instances.json").write_text("{}")
     assert "train2014 not found" in one_line_error(capsys, argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training step never waits for the device: no .item() / float(t) / bool(t) per step.
+
+HOST_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_training_step_has_no_host_sync(monkeypatch, tmp_path):
+    """Every read of a tensor's value is traced to the first train.py function on its stack.
+    Not the loop's: the method's own forward, the data loader (host tensors), and the
+    optimizer's step counter (a host tensor unless fused or capturable). A step may read values
+    only in log_row, every --log-every steps."""
+    callers = []
+    theirs = ("rela.py", "data.py", f"torch{os.sep}utils{os.sep}", f"torch{os.sep}optim{os.sep}")
+
+    def watch(name):
+        original = getattr(torch.Tensor, name)
+
+        def traced(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None:
+                file, function = frame.f_code.co_filename, frame.f_code.co_name
+                if any(part in file for part in theirs):
+                    break
+                if file.endswith("train.py") and not function.startswith("<"):  # <genexpr>
+                    callers.append(function)
+                    break
+                frame = frame.f_back
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, traced)
+
+    for name in HOST_SYNCS:
+        watch(name)
+    train.main(["--method", "rela", "--max-steps", "4", "--log-every", "2", "--val-every", "4",
+                "--out", str(tmp_path), "--name", "s", *FAST])  # fmt: skip
+    in_loop = {"main", "to_device", "stop_or_save", "save_checkpoint", "log_row"}
+    assert callers.count("log_row") > 0  # the trace sees the reads it should
+    assert {c for c in callers if c in in_loop} == {"log_row"}
+    rows = [json.loads(line) for line in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
