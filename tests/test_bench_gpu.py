@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
@@ -65,3 +66,10 @@ def test_full_mode_refuses_a_dry_runs_folder(tmp_path):
     )
     with pytest.raises(SystemExit, match="holds the results of a dry run"):
         bench_gpu.main(["--device", "cpu", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CPU-only machine")
+def test_cuda_asked_for_without_cuda_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="CUDA is not available; use --device cpu --dry-run"):
+        bench_gpu.main(["--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing written
