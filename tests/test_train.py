@@ -407,3 +407,36 @@ def test_training_step_has_no_host_sync(monkeypatch, tmp_path):
     assert {c for c in callers if c in in_loop} == {"log_row"}
     rows = [json.loads(line) for line in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused Adam / AdamW on CPU too: the same update as the per-tensor loop, up to float rounding.
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_fused_optimizer_matches_unfused_on_cpu(monkeypatch, optimizer):
+    cpu = torch.device("cpu")
+    recipe = {"optimizer": optimizer, "lr": 1e-2, "weight_decay": 0.05,
+              "encoder_lr_factor": 0.1, "frozen": ()}  # fmt: skip
+
+    def five_steps():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+        start = [p.detach().clone() for p in model.parameters()]
+        opt, params = train.build_optimizer(model, recipe, cpu)
+        x, y = torch.randn(32, 8), torch.randn(32, 1)
+        for _ in range(5):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert not any(torch.equal(a, b) for a, b in zip(start, params, strict=True))
+        return bool(opt.defaults["fused"]), params
+
+    fused, with_fused = five_steps()
+    assert fused == train.fused_supported(cpu)
+    assert fused == (tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4))
+    monkeypatch.setattr(train, "fused_supported", lambda device: False)
+    fused, without = five_steps()
+    assert not fused
+    for a, b in zip(with_fused, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
