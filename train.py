@@ -511,7 +511,9 @@ def evaluate(model, module, loader, cfg, device, amp_ctx, master: bool) -> dict:
     is the IoU between the two predictions (1 = the model ignores the text), swap_mIoU scores the
     swapped prediction against the sample's own ground truth."""
     model.eval()
-    metrics, swapped = common.RISMetrics(device), common.RISMetrics(device)
+    # Prec@X as each family's official evaluation: CRIS / ASDA count IoU > X, LAVT / ReLA >= X.
+    strict = module.TEXT_ENCODER == "clip"
+    metrics, swapped = (common.RISMetrics(device, prec_strict=strict) for _ in range(2))
     # Sums and counts, so that DDP ranks merge exactly: text swap, val loss, diagnostics.
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
