@@ -694,8 +694,12 @@ def build_config(args, module, ckpt: dict | None, recipe_name: str, master: bool
     then the user's --set and --ablate on top. Returns (cfg, preset, row_name, row_recipe)."""
     synthetic = args.dataset in SYNTHETIC
     if ckpt:  # the checkpoint's Config is the architecture (--set can still move the threshold)
-        cfg = module.Config(**ckpt["config"])
         preset = ckpt["preset"]
+        # A field added to Config after the checkpoint was saved takes its preset's value (the
+        # behaviour the checkpoint was trained with), not the dataclass default (the paper's).
+        base = module.Config.tiny() if preset == "tiny" else module.Config.paper()
+        known = {f.name for f in dataclasses.fields(base)}
+        cfg = dataclasses.replace(base, **{k: v for k, v in ckpt["config"].items() if k in known})
     else:
         preset = args.preset or ("tiny" if synthetic else "paper")
         cfg = module.Config.tiny() if preset == "tiny" else module.Config.paper()
