@@ -277,7 +277,8 @@ def test_text_swap_iou_by_hand():
     }
     batch["mask"][:, :2, :2] = 1.0
     cfg = SimpleNamespace(threshold=0.5)
-    module = SimpleNamespace(diagnostics=lambda outputs, batch: {})  # no mechanism to measure
+    # A BERT-family method (Prec@X counts IoU >= X) with no mechanism to measure.
+    module = SimpleNamespace(TEXT_ENCODER="bert", diagnostics=lambda outputs, batch: {})
     args = (module, [batch], cfg, torch.device("cpu"), nullcontext(), True)
     blind = train.evaluate(_Echo(reads_text=False), *args)
     assert blind["text_swap_IoU"] == 1.0 and blind["mIoU"] == 1.0 and blind["swap_mIoU"] == 1.0
