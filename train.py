@@ -358,6 +358,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--name", default=None, help="run folder name (default: the method, or method-row)"
     )
     g.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
+    g.add_argument(
+        "--init",
+        default=None,
+        metavar="WEIGHTS",
+        help="start training from these weights (a state_dict, or a checkpoint's model; every "
+        "name and shape must match) instead of a fresh init; the random stream then restarts "
+        "from --seed, so runs with the same --seed see the same batches and dropout",
+    )
     g.add_argument("--eval-only", action="store_true", help="evaluate --resume on --val-split")
     g.add_argument("--predict", default=None, metavar="IMAGE", help="segment --text in IMAGE")
     g.add_argument("--text", default=None, help="the expression for --predict")
@@ -816,19 +824,40 @@ def loader_options(batch_size: int, procs: Processes, seed: int) -> dict:
     )
 
 
-def load_model(module, cfg, ckpt: dict | None, args) -> torch.nn.Module:
-    """build_model(cfg), with the checkpoint's weights when resuming."""
+def load_init(path: str) -> dict:
+    """--init: a state_dict, or the model of a checkpoint written by train.py."""
+    if not Path(path).is_file():
+        fail(f"--init weights not found: {path}")
     try:
-        # From a checkpoint the weights are all there: build the architecture without loading
-        # the encoders' pretrained weights (no download, works offline).
-        model = module.build_model(dataclasses.replace(cfg, pretrained=False) if ckpt else cfg)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        fail(f"{path} is not a state_dict saved with torch.save ({type(e).__name__})")
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        fail(f"{path} is not a state_dict saved with torch.save")
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_model(module, cfg, ckpt: dict | None, args) -> torch.nn.Module:
+    """build_model(cfg), with the checkpoint's weights when resuming or the --init weights."""
+    weights, source = (ckpt["model"], args.resume) if ckpt else (None, None)
+    if args.init and not ckpt:
+        weights, source = load_init(args.init), args.init
+    try:
+        # With the weights all there, build the architecture without loading the encoders'
+        # pretrained weights (no download, works offline).
+        model = module.build_model(dataclasses.replace(cfg, pretrained=False) if weights else cfg)
     except (RuntimeError, OSError, ValueError) as e:
         fail(str(e))
-    if ckpt:
+    if weights:
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(weights)
         except RuntimeError as e:
-            fail(f"{args.resume} does not fit this {args.method} model ({str(e).splitlines()[0]})")
+            fail(f"{source} does not fit this {args.method} model ({str(e).splitlines()[0]})")
+    if args.init and not ckpt:
+        # The random stream as if nothing had been built: every run with this --seed draws the
+        # same dropout masks and noise whichever model it built (paired runs, bench_tables.py).
+        torch.manual_seed(args.seed + int(os.environ.get("RANK", 0)))
     return model
 
 

@@ -368,6 +368,17 @@ def test_missing_refcoco_named_before_any_tokenizer(capsys, tmp_path, monkeypatc
     assert "train2014 not found" in one_line_error(capsys, argv)
 
 
+def test_bad_init_ends_in_one_line(capsys, tmp_path):
+    missing = tmp_path / "nothing.pt"
+    assert f"--init weights not found: {missing}" in one_line_error(
+        capsys, ["--method", "rela", "--init", str(missing)]
+    )
+    other = tmp_path / "other.pt"
+    torch.save({"some.weight": torch.zeros(3)}, other)
+    err = one_line_error(capsys, ["--method", "rela", "--init", str(other), "--max-steps", "1"])
+    assert f"{other} does not fit this rela model" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # The training step never waits for the device: no .item() / float(t) / bool(t) per step.
 
