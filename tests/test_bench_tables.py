@@ -143,3 +143,13 @@ def test_a_run_cut_short_continues_from_its_last_checkpoint(tmp_path):
     (folder / "last.pt").write_bytes(b"")
     cmd = bench_tables.train_command("rela", "Table 2", "#4 ReLA", 0, folder, args)
     assert cmd[cmd.index("--resume") + 1] == str(folder / "last.pt")
+
+
+def test_each_row_runs_once_baseline_and_full_model_first():
+    rows = {"#1 a": {"ablate": ("x",)}, "#2 full": {}, "#3 b": {"ablate": ("y",)}}
+    # No row marked "baseline": the first row is the baseline.
+    assert bench_tables.run_order(rows, list(rows)) == ["#1 a", "#2 full", "#3 b"]
+    rows["#3 b"]["baseline"] = True
+    assert bench_tables.run_order(rows, list(rows)) == ["#3 b", "#2 full", "#1 a"]
+    rows = {"#1 a": {"ablate": ("x",)}, "#2 full": {"baseline": True}}  # ReLA: the full model
+    assert bench_tables.run_order(rows, list(rows)) == ["#2 full", "#1 a"]

@@ -215,12 +215,17 @@ def kinds_of(folder: Path, n: int, metrics: dict) -> tuple[str, dict[str, list[f
     return dataset, ious
 
 
+def run_order(rows: dict, wanted: list[str]) -> list[str]:
+    """The wanted rows, each once: the baseline and the full model first (the rows every other row
+    is read against; one row when they coincide), then the table's order."""
+    first = dict.fromkeys([baseline_row(rows), full_row(rows)])
+    return [r for r in first if r in wanted] + [r for r in wanted if r not in first]
+
+
 def run_table(method: str, table: str, rows: dict, wanted: list[str], args) -> dict:
     """{row: [{"metrics", "kinds"} per seed]}: trains what is missing (paired inits first)."""
     seeds = range(args.seeds)
-    # The baseline and the full model first: the rows every other row is read against.
-    first = [baseline_row(rows), full_row(rows)]
-    order = [r for r in first if r in wanted] + [r for r in wanted if r not in first]
+    order = run_order(rows, wanted)
     folder = {(r, s): run_dir(args.out, method, table, r, s) for r in order for s in seeds}
     missing = [
         (r, s) for s in seeds for r in order if not (folder[r, s] / "metrics.json").is_file()
