@@ -452,3 +452,26 @@ def test_fused_optimizer_matches_unfused_on_cpu(monkeypatch, optimizer):
     assert not fused
     for a, b in zip(with_fused, without, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_old_checkpoint_config_takes_missing_fields_from_its_preset(method):
+    """A Config field added after a checkpoint was saved takes its preset's value (what the
+    checkpoint was trained with), not the dataclass default (the paper's)."""
+    import dataclasses
+
+    module = importlib.import_module(method)
+    tiny, default = module.Config.tiny(), module.Config()
+    differ = [
+        f.name
+        for f in dataclasses.fields(tiny)
+        if getattr(tiny, f.name) != getattr(default, f.name) and f.name not in ("ablate",)
+    ]
+    assert differ, f"{method}: tiny() sets nothing the paper's defaults do not"
+    saved = {k: v for k, v in dataclasses.asdict(tiny).items() if k not in differ}
+    ckpt = {"preset": "tiny", "config": saved}
+    args = train.parse_args(["--method", method])
+    args.dataset = "gshapes" if method == "rela" else "shapes"
+    cfg, preset, _, _ = train.build_config(args, module, ckpt, "demo", master=False)
+    assert preset == "tiny"
+    assert {k: getattr(cfg, k) for k in differ} == {k: getattr(tiny, k) for k in differ}
